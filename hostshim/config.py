@@ -1,0 +1,30 @@
+"""The shim's configuration: every filesystem root is configurable so tests run under a temp dir."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_STATE_DIR = Path("/var/lib/bitbuilder")
+DEFAULT_RUNTIME_DIR = Path("/run/bitbuilder")
+DEFAULT_SOCKET = DEFAULT_RUNTIME_DIR / "hostshim.sock"
+
+
+@dataclass(frozen=True)
+class ShimConfig:
+    state_dir: Path = DEFAULT_STATE_DIR
+    runtime_dir: Path = DEFAULT_RUNTIME_DIR
+    socket_path: Path = DEFAULT_SOCKET
+    # Peers allowed on the socket (SO_PEERCRED); root only unless widened.
+    allowed_uids: frozenset[int] = frozenset({0})
+    allowed_gids: frozenset[int] = frozenset()
+    # Where `PUT /v1/images/{name}` may take a directory or file:// tarball from.
+    trusted_image_paths: tuple[Path, ...] = ()
+    # file:// tenant repos are only allowed under these roots (none by default: a tenant must
+    # not read the host's own repositories).
+    file_source_roots: tuple[Path, ...] = ()
+    # "auto" picks systemd when PID 1 is systemd, else the direct executor.
+    executor: str = "auto"
+    node_name: str = field(default_factory=lambda: os.uname().nodename)
+    max_body_bytes: int = 1 << 20

@@ -1,0 +1,230 @@
+"""The Tenant resource (bitbuilder.io/v1alpha1): the single source of truth.
+
+The CRD schema, defaults, validation and the descriptions `kubectl explain` shows are all
+generated from these models (see crd.py). Types shared with the host shim (names, git refs,
+durations, quantities, network and extension specs) come from its API contract.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, ConfigDict, Field, StringConstraints, model_validator
+
+from bitbuilder.hostshim.api import (
+    QUANTITY_PATTERN,
+    DnsLabel,
+    Duration,
+    ExtensionRef,
+    GitRef,
+    GitUrl,
+    NetworkSpec,
+    RepoPath,
+    RepoSetting,
+    Runtime,
+    Sha256Hex,
+    WireModel,
+    parse_quantity,
+)
+
+GROUP = "bitbuilder.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "Tenant"
+PLURAL = "tenants"
+SINGULAR = "tenant"
+SHORT_NAMES = ["tn"]
+CATEGORIES = ["bitbuilder"]
+OPERATOR_NAMESPACE = "bitbuilder-system"
+RECONCILE_REQUESTED_ANNOTATION = "bitbuilder.io/reconcile-requested-at"
+FINALIZER = "bitbuilder.io/machine"
+
+
+def _positive_quantity(value: str | int) -> str | int:
+    if parse_quantity(value) <= 0:
+        raise ValueError(f"quantity {value!r} must be greater than zero")
+    return value
+
+
+Quantity = Annotated[
+    str | int,
+    AfterValidator(lambda v: (parse_quantity(v), v)[1]),
+    AfterValidator(_positive_quantity),
+    Field(
+        json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN},
+    ),
+]
+
+
+class SecretRef(WireModel):
+    """A Secret in the operator's namespace (bitbuilder-system); in standalone mode a folder
+    `<secrets-dir>/<name>/` with one file per key."""
+
+    name: DnsLabel = Field(description="Name of the Secret.")
+
+
+class TenantVerify(WireModel):
+    """Only commits signed by a trusted key are ever checked out."""
+
+    secret_ref: SecretRef = Field(
+        description="Secret whose keys hold trusted public keys: '*.pub' (SSH) and '*.asc' "
+        "or '*.gpg' (OpenPGP, ASCII-armoured)."
+    )
+
+
+class TenantSource(WireModel):
+    """The tenant's own configuration repository."""
+
+    url: GitUrl
+    ref: GitRef = Field(description="What to follow: exactly one of branch, tag or commit.")
+    path: RepoPath = Field("", description="Folder inside the repository that holds the layout.")
+    interval: Duration = Field("5m", description="How often to check the remote for a new commit.")
+    secret_ref: SecretRef | None = Field(
+        None,
+        description="Credentials: keys 'username'+'password' (https) or 'identity'+'known_hosts' "
+        "(ssh).",
+    )
+    verify: TenantVerify | None = Field(None, description="Require signed commits.")
+
+
+class TenantImage(WireModel):
+    """The base image the machine boots from."""
+
+    name: DnsLabel = Field(description="Name of the image on the host.")
+    url: Annotated[str, StringConstraints(max_length=2048)] | None = Field(
+        None, description="Import the image from this tarball URL when the host lacks it."
+    )
+    sha256: Sha256Hex | None = Field(None, description="Digest the imported tarball must match.")
+
+    @model_validator(mode="after")
+    def _url_needs_digest(self) -> TenantImage:
+        if self.url is not None and self.sha256 is None:
+            raise ValueError("image.url needs image.sha256")
+        return self
+
+
+class TenantResources(WireModel):
+    """Limits: cgroup limits for containers, the VM's size for VMs."""
+
+    cpu: Quantity | None = Field(None, description="CPU, e.g. '500m' or 2.")
+    memory: Quantity | None = Field(None, description="Memory, e.g. '512Mi'.")
+    tasks: int | None = Field(None, ge=8, le=4_194_304, description="Maximum tasks (processes).")
+    disk: Quantity | None = Field(None, description="Disk size for VMs, e.g. '10Gi'.")
+
+    def cpu_millis(self) -> int | None:
+        return None if self.cpu is None else int(parse_quantity(self.cpu) * 1000)
+
+    def memory_bytes(self) -> int | None:
+        return _whole(self.memory)
+
+    def disk_bytes(self) -> int | None:
+        return _whole(self.disk)
+
+
+def _whole(value: str | int | None) -> int | None:
+    return None if value is None else int(parse_quantity(value).to_integral_value())
+
+
+class TenantSpec(WireModel):
+    """What the tenant's machine should be."""
+
+    runtime: Runtime = Field(Runtime.nspawn, description="nspawn (container) or vmspawn (VM).")
+    image: TenantImage
+    source: TenantSource | None = Field(None, description="The tenant's configuration repo.")
+    resources: TenantResources = Field(default_factory=TenantResources)
+    network: NetworkSpec = Field(default_factory=NetworkSpec, description="Isolated by default.")
+    extensions: list[ExtensionRef] | None = Field(
+        None, max_length=32, description="sysext/confext trees to layer; unset = all in the repo."
+    )
+    repo_settings: list[RepoSetting] = Field(
+        default_factory=list, description="What the repo's machine.yaml may set."
+    )
+    suspend: bool = Field(False, description="Stop the machine and keep its data.")
+    keep_data_on_delete: bool = Field(False, description="Keep the machine's data on delete.")
+    node_name: DnsLabel | None = Field(None, description="Run on this node only.")
+    node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default_factory=dict, description="Run on a node whose labels match all of these."
+    )
+
+
+class TenantPhase(StrEnum):
+    pending = "Pending"
+    provisioning = "Provisioning"
+    running = "Running"
+    updating = "Updating"
+    suspended = "Suspended"
+    failed = "Failed"
+    terminating = "Terminating"
+
+
+ConditionType = Literal["Ready", "Reconciling", "Stalled", "SourceReady", "MachineReady"]
+
+
+class Condition(WireModel):
+    """A kstatus-style condition."""
+
+    type: str = Field(description="Ready, Reconciling, Stalled, SourceReady or MachineReady.")
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(description="CamelCase reason.")
+    message: str = ""
+    last_transition_time: datetime
+    observed_generation: int | None = None
+
+
+class SourceStatus(WireModel):
+    revision: str | None = Field(None, description="`<ref>@sha1:<sha>` last fetched.")
+    url: str | None = None
+    last_checked: datetime | None = None
+
+
+class RevisionRecord(WireModel):
+    revision: str
+    applied_at: datetime
+
+
+class MachineInfo(WireModel):
+    node: str | None = None
+    address: str | None = None
+    started_at: datetime | None = None
+
+
+class TenantStatus(WireModel):
+    """Written by the operator; never by users."""
+
+    model_config = ConfigDict(extra="ignore")  # tolerate kopf's own bookkeeping keys
+
+    phase: TenantPhase | None = None
+    observed_generation: int | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    source: SourceStatus | None = None
+    applied_revision: str | None = Field(None, description="Commit running now.")
+    history: list[RevisionRecord] = Field(
+        default_factory=list, description="Recently applied revisions, newest first."
+    )
+    machine: MachineInfo | None = None
+
+
+class ObjectMeta(WireModel):
+    """The subset of metadata the operator reads; the rest passes through untouched."""
+
+    model_config = ConfigDict(extra="allow")
+
+    name: DnsLabel
+    generation: int | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class Tenant(WireModel):
+    api_version: Literal["bitbuilder.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["Tenant"] = "Tenant"
+    metadata: ObjectMeta
+    spec: TenantSpec
+    status: TenantStatus | None = None
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> Tenant:
+        """Validate a manifest or an API object (status included if present)."""
+        return cls.model_validate(obj)
