@@ -92,7 +92,9 @@ Duration = Annotated[
     AfterValidator(lambda v: (parse_duration(v), v)[1]),
 ]
 
-QUANTITY_PATTERN = r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+QUANTITY_PATTERN = (
+    r"^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
+)
 _QUANTITY_SUFFIX: dict[str, Decimal] = {
     "": Decimal(1), "m": Decimal("0.001"),
     "k": Decimal(10) ** 3, "M": Decimal(10) ** 6, "G": Decimal(10) ** 9,
@@ -149,7 +151,9 @@ GitUrl = Annotated[
     str,
     StringConstraints(min_length=1, max_length=2048),
     AfterValidator(check_git_url),
-    Field(description="The repository URL: https://, http://, ssh://, git://, file:// or scp-like."),
+    Field(
+        description="The repository URL: https://, http://, ssh://, git://, file:// or scp-like."
+    ),
 ]
 
 
@@ -254,7 +258,9 @@ class GitCredentials(WireModel):
         basic = self.password is not None
         ssh = self.ssh_private_key is not None
         if basic == ssh:
-            raise ValueError("credentials need either a password (with username) or an sshPrivateKey")
+            raise ValueError(
+                "credentials need either a password (with username) or an sshPrivateKey"
+            )
         if ssh and not self.ssh_known_hosts:
             raise ValueError("sshPrivateKey needs sshKnownHosts: host keys are always checked")
         return self
@@ -276,7 +282,9 @@ class VerifySpec(WireModel):
         description="Trusted SSH public keys ('ssh-ed25519 AAAA... comment').",
     )  # fmt: skip
     gpg_keys: list[Annotated[str, StringConstraints(max_length=262144)]] = Field(
-        default_factory=list, max_length=64, description="Trusted ASCII-armoured OpenPGP public keys."
+        default_factory=list,
+        max_length=64,
+        description="Trusted ASCII-armoured OpenPGP public keys.",
     )
 
     @model_validator(mode="after")
@@ -318,7 +326,9 @@ class NetworkMode(StrEnum):
 
 class NetworkSpec(WireModel):
     mode: NetworkMode = NetworkMode.isolated
-    allow_host: bool = Field(False, description="May the machine reach the host's address on its link.")
+    allow_host: bool = Field(
+        False, description="May the machine reach the host's address on its link."
+    )
     ports: list[PortForward] = Field(default_factory=list, max_length=32)
 
 

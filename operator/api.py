@@ -218,7 +218,9 @@ class ObjectMeta(WireModel):
 
 
 class Tenant(WireModel):
-    api_version: Literal["bitbuilder.io/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["bitbuilder.io/v1alpha1"] = Field(
+        "bitbuilder.io/v1alpha1", alias="apiVersion"
+    )
     kind: Literal["Tenant"] = "Tenant"
     metadata: ObjectMeta
     spec: TenantSpec
