@@ -316,7 +316,7 @@ class ResourceLimits(WireModel):
 class PortForward(WireModel):
     port: int = Field(ge=1, le=65535, description="Port inside the machine.")
     host_port: int = Field(ge=1024, le=65535, description="Port on the host's loopback.")
-    protocol: Literal["tcp", "udp"] = "tcp"
+    protocol: Literal["tcp", "udp"] = Field("tcp", description="tcp or udp.")
 
 
 class NetworkMode(StrEnum):
@@ -325,11 +325,16 @@ class NetworkMode(StrEnum):
 
 
 class NetworkSpec(WireModel):
-    mode: NetworkMode = NetworkMode.isolated
+    mode: NetworkMode = Field(
+        NetworkMode.isolated,
+        description="isolated: own namespace with one link to the host; none: loopback only.",
+    )
     allow_host: bool = Field(
         False, description="May the machine reach the host's address on its link."
     )
-    ports: list[PortForward] = Field(default_factory=list, max_length=32)
+    ports: list[PortForward] = Field(
+        default_factory=list, max_length=32, description="Ports forwarded from the host."
+    )
 
 
 class ExtensionType(StrEnum):
@@ -341,7 +346,7 @@ class ExtensionRef(WireModel):
     """A tree in the tenant repo: `<path>/<type>/<name>/`."""
 
     name: ExtensionName
-    type: ExtensionType
+    type: ExtensionType = Field(description="sysext (layered over /usr) or confext (over /etc).")
 
 
 RepoSetting = Literal["hostname", "environment"]
