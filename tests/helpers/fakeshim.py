@@ -1,0 +1,151 @@
+"""An in-memory host shim on a unix socket: the real HTTP API, no machines.
+
+For fast tests of the operator side (client, reconcile core, drivers). A test sets what the
+"remote" holds (`heads`) and what goes wrong (`source_errors`, `fail_with`); every PUT then
+answers like the real shim would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from aiohttp import web
+
+from bitbuilder.hostshim.api import (
+    ApiError,
+    AppliedRevision,
+    ErrorInfo,
+    ImageList,
+    ImageSpec,
+    ImageStatus,
+    MachineList,
+    MachinePhase,
+    MachineSpec,
+    MachineStatus,
+)
+
+
+@dataclass
+class FakeShim:
+    socket: Path
+    heads: dict[str, str] = field(default_factory=dict)  # tenant -> commit the remote has
+    source_errors: dict[str, ErrorInfo] = field(default_factory=dict)
+    fail_with: tuple[int, ApiError] | None = None
+    specs: dict[str, MachineSpec] = field(default_factory=dict)
+    machines: dict[str, MachineStatus] = field(default_factory=dict)
+    images: dict[str, ImageStatus] = field(default_factory=dict)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    bodies: list[dict[str, object]] = field(default_factory=list)
+
+    def status_for(self, spec: MachineSpec) -> MachineStatus:
+        now = datetime.now(UTC)
+        old = self.machines.get(spec.name)
+        head = self.heads.get(spec.name)
+        error = self.source_errors.get(spec.name)
+        applied = old.applied_revision if old else None
+        history = list(old.history) if old else []
+        if spec.source is not None and head is not None and error is None and head != applied:
+            applied = head
+            history.insert(0, AppliedRevision(revision=head, applied_at=now))
+        ref = spec.source.ref.describe() if spec.source else ""
+        runs = not spec.suspend and (applied is not None or spec.source is None)
+        phase = MachinePhase.running if runs else MachinePhase.stopped
+        if spec.source is not None and applied is None and not spec.suspend:
+            phase = MachinePhase.failed
+        return MachineStatus(
+            name=spec.name,
+            phase=phase,
+            runtime=spec.runtime,
+            spec_hash=hashlib.sha256(json.dumps(spec.wire()).encode()).hexdigest(),
+            source_revision=f"{ref}@sha1:{head}" if head and spec.source else None,
+            applied_revision=applied,
+            history=history,
+            leader_pid=4242 if runs else None,
+            address="10.99.0.2" if runs else None,
+            started_at=(old.started_at if old and old.started_at else now) if runs else None,
+            source_error=error,
+        )
+
+
+def _json(
+    model: MachineStatus | MachineList | ImageStatus | ImageList | ApiError, code: int = 200
+) -> web.Response:
+    return web.json_response(model.wire(), status=code)
+
+
+def _app(fake: FakeShim) -> web.Application:
+    async def put_machine(request: web.Request) -> web.Response:
+        fake.requests.append(("PUT", request.match_info["name"]))
+        if fake.fail_with is not None:
+            return _json(fake.fail_with[1], fake.fail_with[0])
+        body = await request.json()
+        fake.bodies.append(body)
+        spec = MachineSpec.model_validate(body)
+        fake.specs[spec.name] = spec
+        fake.machines[spec.name] = fake.status_for(spec)
+        return _json(fake.machines[spec.name])
+
+    async def get_machine(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        fake.requests.append(("GET", name))
+        if name not in fake.machines:
+            return _json(ApiError(error="NotFound", message=f"no machine {name}"), 404)
+        return _json(fake.machines[name])
+
+    async def delete_machine(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        fake.requests.append(("DELETE", name))
+        if fake.machines.pop(name, None) is None:
+            return _json(ApiError(error="NotFound", message=f"no machine {name}"), 404)
+        fake.specs.pop(name, None)
+        return web.Response(status=204)
+
+    async def list_machines(request: web.Request) -> web.Response:
+        return _json(MachineList(items=list(fake.machines.values())))
+
+    async def put_image(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        fake.requests.append(("PUT-IMAGE", name))
+        spec = ImageSpec.model_validate(await request.json())
+        fake.images[name] = ImageStatus(
+            name=name,
+            sha256=spec.sha256,
+            size_bytes=1,
+            imported_at=datetime.now(UTC),
+            source=spec.url or spec.path or "",
+        )
+        return _json(fake.images[name])
+
+    async def list_images(request: web.Request) -> web.Response:
+        return _json(ImageList(items=list(fake.images.values())))
+
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_put("/v1/machines/{name}", put_machine)
+    app.router.add_get("/v1/machines/{name}", get_machine)
+    app.router.add_delete("/v1/machines/{name}", delete_machine)
+    app.router.add_get("/v1/machines", list_machines)
+    app.router.add_put("/v1/images/{name}", put_image)
+    app.router.add_get("/v1/images", list_images)
+    app.router.add_get("/healthz", healthz)
+    return app
+
+
+@asynccontextmanager
+async def running_fake_shim(socket: Path) -> AsyncIterator[FakeShim]:
+    fake = FakeShim(socket=socket)
+    runner = web.AppRunner(_app(fake))
+    await runner.setup()
+    await web.UnixSite(runner, str(socket)).start()
+    try:
+        yield fake
+    finally:
+        await runner.cleanup()
