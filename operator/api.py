@@ -166,28 +166,36 @@ class Condition(WireModel):
     """A kstatus-style condition."""
 
     type: str = Field(description="Ready, Reconciling, Stalled, SourceReady or MachineReady.")
-    status: Literal["True", "False", "Unknown"]
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(description="CamelCase reason.")
-    message: str = ""
-    last_transition_time: datetime
-    observed_generation: int | None = None
+    message: str = Field("", description="What happened, for people.")
+    last_transition_time: datetime = Field(description="When the status last changed.")
+    observed_generation: int | None = Field(
+        None, description="The metadata.generation this condition was computed from."
+    )
 
 
 class SourceStatus(WireModel):
+    """The tenant repository as last seen."""
+
     revision: str | None = Field(None, description="`<ref>@sha1:<sha>` last fetched.")
-    url: str | None = None
-    last_checked: datetime | None = None
+    url: str | None = Field(None, description="The repository URL fetched.")
+    last_checked: datetime | None = Field(None, description="When the remote was last asked.")
 
 
 class RevisionRecord(WireModel):
-    revision: str
-    applied_at: datetime
+    """One revision that ran."""
+
+    revision: str = Field(description="The commit applied.")
+    applied_at: datetime = Field(description="When it was applied.")
 
 
 class MachineInfo(WireModel):
-    node: str | None = None
-    address: str | None = None
-    started_at: datetime | None = None
+    """Where and since when the machine runs."""
+
+    node: str | None = Field(None, description="The node (host) running the machine.")
+    address: str | None = Field(None, description="The machine's address on its host link.")
+    started_at: datetime | None = Field(None, description="When the machine last started.")
 
 
 class TenantStatus(WireModel):
@@ -195,15 +203,33 @@ class TenantStatus(WireModel):
 
     model_config = ConfigDict(extra="ignore")  # tolerate kopf's own bookkeeping keys
 
-    phase: TenantPhase | None = None
-    observed_generation: int | None = None
-    conditions: list[Condition] = Field(default_factory=list)
-    source: SourceStatus | None = None
+    phase: TenantPhase | None = Field(
+        None,
+        description="Pending, Provisioning, Running, Updating, Suspended, Failed or Terminating.",
+    )
+    observed_generation: int | None = Field(
+        None, description="The metadata.generation this status answers to."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Reconciling, Stalled, SourceReady and MachineReady.",
+    )
+    source: SourceStatus | None = Field(None, description="The tenant repository as last seen.")
     applied_revision: str | None = Field(None, description="Commit running now.")
+    short_revision: str | None = Field(
+        None, description="The first 7 hex digits of appliedRevision (derived, for printing)."
+    )
     history: list[RevisionRecord] = Field(
         default_factory=list, description="Recently applied revisions, newest first."
     )
-    machine: MachineInfo | None = None
+    machine: MachineInfo | None = Field(None, description="Where and since when it runs.")
+
+    @model_validator(mode="after")
+    def _derive_short_revision(self) -> TenantStatus:
+        # `kubectl get` columns cannot cut strings, so the short sha is a field of its own.
+        commit = (self.applied_revision or "").rpartition("sha1:")[2]
+        self.short_revision = commit[:7] or None
+        return self
 
 
 class ObjectMeta(WireModel):
@@ -218,6 +244,9 @@ class ObjectMeta(WireModel):
 
 
 class Tenant(WireModel):
+    """A tenant machine (an nspawn container or a vmspawn VM) that follows its own git
+    repository on a BitBuilder host."""
+
     api_version: Literal["bitbuilder.io/v1alpha1"] = Field(
         "bitbuilder.io/v1alpha1", alias="apiVersion"
     )
