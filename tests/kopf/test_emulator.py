@@ -1,0 +1,233 @@
+"""The emulated API server itself: the API server rules kopf and kubectl depend on."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, cast
+
+import kubernetes
+import pytest
+
+from bitbuilder.operator.crd import tenant_crd
+from tests.helpers.kube_emulator import Emulator, EmulatorThread
+from tests.helpers.kube_http import TENANTS, Kube
+
+
+def tenant(name: str = "web", **meta: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "bitbuilder.io/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": name, **meta},
+        "spec": {"image": {"name": "base"}},
+    }
+
+
+def test_create_stamps_metadata_and_answers_201(kube: Kube) -> None:
+    code, created = kube.request("POST", TENANTS, tenant())
+    assert code == 201
+    meta = created["metadata"]
+    assert meta["uid"] and meta["creationTimestamp"].endswith("Z")
+    assert meta["generation"] == 1 and int(meta["resourceVersion"]) > 0
+    assert kube.request("POST", TENANTS, tenant())[0] == 409
+
+
+def test_generate_name_gives_distinct_objects(kube: Kube) -> None:
+    body = {"metadata": {"generateName": "ev-", "namespace": "default"}, "reason": "X"}
+    first = kube.ok("POST", "/api/v1/namespaces/default/events", body)
+    second = kube.ok("POST", "/api/v1/namespaces/default/events", body)
+    assert first["metadata"]["name"].startswith("ev-")
+    assert first["metadata"]["name"] != second["metadata"]["name"]
+
+
+def test_official_client_decodes_the_created_object(api: EmulatorThread) -> None:
+    config = kubernetes.client.Configuration(host=api.url)
+    with kubernetes.client.ApiClient(config) as client:
+        custom = kubernetes.client.CustomObjectsApi(client)
+        created = cast(
+            dict[str, Any],
+            custom.create_cluster_custom_object("bitbuilder.io", "v1alpha1", "tenants", tenant()),
+        )
+        assert created["metadata"]["name"] == "web"
+        listed = cast(
+            dict[str, Any],
+            custom.list_cluster_custom_object("bitbuilder.io", "v1alpha1", "tenants"),
+        )
+        assert [t["metadata"]["name"] for t in listed["items"]] == ["web"]
+
+
+def test_generation_follows_spec_and_status_is_a_subresource(kube: Kube) -> None:
+    kube.ok("POST", TENANTS, tenant())
+    path = f"{TENANTS}/web"
+    labelled = kube.merge(
+        path, {"metadata": {"labels": {"a": "b"}}, "status": {"phase": "Running"}}
+    )
+    assert labelled["metadata"]["generation"] == 1
+    assert "status" not in labelled, "status written through the main resource must be ignored"
+    status = kube.merge(
+        f"{path}/status", {"status": {"phase": "Running"}, "spec": {"suspend": True}}
+    )
+    assert status["status"]["phase"] == "Running"
+    assert status["metadata"]["generation"] == 1 and status["spec"].get("suspend") is not True
+    changed = kube.merge(path, {"spec": {"suspend": True}})
+    assert changed["metadata"]["generation"] == 2
+    assert changed["status"]["phase"] == "Running"
+    assert int(changed["metadata"]["resourceVersion"]) > int(status["metadata"]["resourceVersion"])
+
+
+def test_stale_resource_version_conflicts(kube: Kube) -> None:
+    created = kube.ok("POST", TENANTS, tenant())
+    kube.merge(f"{TENANTS}/web", {"spec": {"suspend": True}})
+    stale = created["metadata"]["resourceVersion"]
+    assert kube.request("PUT", f"{TENANTS}/web", created)[0] == 409
+    code, _ = kube.request(
+        "PATCH",
+        f"{TENANTS}/web",
+        {"metadata": {"resourceVersion": stale}, "spec": {"suspend": False}},
+        content_type="application/merge-patch+json",
+    )
+    assert code == 409
+    ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": stale}]
+    code, _ = kube.request(
+        "PATCH", f"{TENANTS}/web", ops, content_type="application/json-patch+json"
+    )
+    assert code == 422, "kopf relies on 422 for a failed JSON-patch test"
+    code, _ = kube.request(
+        "PATCH", f"{TENANTS}/web", {}, content_type="application/apply-patch+yaml"
+    )
+    assert code == 415
+
+
+def test_put_replaces_the_whole_object(kube: Kube) -> None:
+    created = kube.ok("POST", TENANTS, tenant(labels={"keep": "no"}))
+    created["metadata"]["labels"] = {"new": "yes"}
+    created["spec"]["suspend"] = True
+    replaced = kube.ok("PUT", f"{TENANTS}/web", created)
+    assert replaced["metadata"]["labels"] == {"new": "yes"}
+    assert replaced["metadata"]["generation"] == 2
+
+
+def test_finalizers_hold_deletion_until_released(kube: Kube) -> None:
+    kube.ok("POST", TENANTS, tenant(finalizers=["bitbuilder.io/machine"]))
+    deleting = kube.ok("DELETE", f"{TENANTS}/web")
+    assert deleting["metadata"]["deletionTimestamp"]
+    assert kube.get(f"{TENANTS}/web") is not None
+    kube.merge(f"{TENANTS}/web", {"metadata": {"finalizers": None}})
+    assert kube.get(f"{TENANTS}/web") is None
+
+
+def test_validation_against_the_crd_schema(kube: Kube) -> None:
+    bad = tenant()
+    bad["spec"]["runtime"] = "docker"
+    code, answer = kube.request("POST", TENANTS, bad)
+    assert code == 422 and "spec.runtime" in answer["message"]
+    unknown = tenant()
+    unknown["spec"]["colour"] = "blue"
+    assert kube.request("POST", f"{TENANTS}?fieldValidation=Strict", unknown)[0] == 400
+    created = kube.ok("POST", TENANTS, unknown)
+    assert "colour" not in created["spec"], "unknown fields are pruned"
+    assert created["spec"]["runtime"] == "nspawn", "schema defaults are applied"
+    code, answer = kube.request(
+        "PATCH",
+        f"{TENANTS}/web/status",
+        {"status": {"phase": "Dancing"}},
+        content_type="application/merge-patch+json",
+    )
+    assert code == 422 and "status.phase" in answer["message"]
+
+
+def test_lists_have_kind_resource_version_and_selectors(kube: Kube) -> None:
+    kube.ok("POST", TENANTS, tenant("a", labels={"team": "x"}))
+    kube.ok("POST", TENANTS, tenant("b", labels={"team": "y"}))
+    listed = kube.ok("GET", TENANTS)
+    assert listed["kind"] == "TenantList" and int(listed["metadata"]["resourceVersion"]) >= 2
+    assert [
+        t["metadata"]["name"] for t in kube.ok("GET", f"{TENANTS}?labelSelector=team%3Dy")["items"]
+    ] == ["b"]
+    names = kube.ok("GET", f"{TENANTS}?labelSelector=team%20in%20(x,y),team!%3Dx")["items"]
+    assert [t["metadata"]["name"] for t in names] == ["b"]
+    by_field = kube.ok("GET", f"{TENANTS}?fieldSelector=metadata.name%3Da")["items"]
+    assert [t["metadata"]["name"] for t in by_field] == ["a"]
+
+
+def test_watch_replays_from_a_resource_version_and_times_out(kube: Kube) -> None:
+    first = kube.ok("POST", TENANTS, tenant("a"))
+    kube.ok("POST", TENANTS, tenant("b"))
+    kube.merge(f"{TENANTS}/a", {"spec": {"suspend": True}})
+    kube.ok("POST", "/api/v1/namespaces/default/events", {"metadata": {"name": "e"}})
+    since = first["metadata"]["resourceVersion"]
+    events = list(kube.watch(TENANTS, resourceVersion=since, timeoutSeconds="1"))
+    assert [(e["type"], e["object"]["metadata"]["name"]) for e in events] == [
+        ("ADDED", "b"),
+        ("MODIFIED", "a"),
+    ]
+    initial = list(kube.watch(TENANTS, timeoutSeconds="1"))
+    assert sorted(e["object"]["metadata"]["name"] for e in initial) == ["a", "b"]
+
+
+def test_watch_from_a_forgotten_version_is_gone() -> None:
+    with EmulatorThread(Emulator([tenant_crd()], ring_size=2)) as api:
+        kube = Kube(api.url)
+        for name in "abcd":  # the ring keeps the last two: from 1 on, event 2 is lost
+            kube.ok("POST", TENANTS, tenant(name))
+        (event,) = kube.watch(TENANTS, resourceVersion="1", timeoutSeconds="5")
+        assert event["type"] == "ERROR" and event["object"]["code"] == 410
+
+
+def test_discovery_serves_tenants_and_core_resources(kube: Kube) -> None:
+    group = kube.ok("GET", "/apis/bitbuilder.io/v1alpha1")
+    names = {r["name"]: r for r in group["resources"]}
+    assert names["tenants"]["kind"] == "Tenant" and names["tenants"]["namespaced"] is False
+    assert "tn" in names["tenants"]["shortNames"] and "tenants/status" in names
+    core = {r["name"] for r in kube.ok("GET", "/api/v1")["resources"]}
+    assert {"namespaces", "events", "secrets"} <= core
+    assert kube.ok("GET", "/api/v1/namespaces")["kind"] == "NamespaceList"
+
+
+def test_table_rendering_uses_the_printer_columns(kube: Kube) -> None:
+    kube.ok("POST", TENANTS, tenant())
+    ready = {
+        "type": "Ready",
+        "status": "True",
+        "reason": "Ok",
+        "lastTransitionTime": "2026-01-01T00:00:00Z",
+    }
+    kube.merge(f"{TENANTS}/web/status", {"status": {"phase": "Running", "conditions": [ready]}})
+    rendered = kube.ok("GET", TENANTS, accept="application/json;as=Table;v=v1;g=meta.k8s.io")
+    columns = [c["name"] for c in rendered["columnDefinitions"]]
+    assert columns[:3] == ["Name", "Runtime", "Phase"] and "Ready" in columns
+    row = dict(zip(columns, rendered["rows"][0]["cells"], strict=True))
+    assert row["Phase"] == "Running" and row["Ready"] == "True" and row["Runtime"] == "nspawn"
+
+
+KUBECTL = shutil.which(
+    "kubectl", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+)
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+def test_kubectl_get_tenants_prints_the_columns(api: EmulatorThread, tmp_path: Path) -> None:
+    assert KUBECTL is not None
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    manifest = tmp_path / "tenant.yaml"
+    manifest.write_text(
+        "apiVersion: bitbuilder.io/v1alpha1\nkind: Tenant\nmetadata: {name: web}\n"
+        "spec: {image: {name: base}}\n"
+    )
+
+    def kubectl(*args: str) -> str:
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
+        done = subprocess.run([KUBECTL, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    kubectl("apply", "--validate=false", "-f", str(manifest))
+    header, row = kubectl("get", "tenants").splitlines()
+    assert header.split() == ["NAME", "RUNTIME", "PHASE", "REVISION", "NODE", "READY", "AGE"]
+    assert row.split()[:2] == ["web", "nspawn"]
+    assert "web" in kubectl("get", "tn", "-o", "name")
+    kubectl("delete", "tenant", "web")
+    assert kubectl("get", "tenants", "-o", "name") == ""
