@@ -1,0 +1,603 @@
+"""Desired -> applied for every tenant: idempotent, resumable, one tenant at a time.
+
+The manager owns the state files and drives the git source (B) and the machine runner (C). A
+tenant's lock serialises everything that changes it; status reads never wait for a lock.
+A source or layout problem never stops a machine: the last good revision keeps running and
+the problem is reported in status. A new revision is fetched and validated before the old
+machine is stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Protocol
+
+from bitbuilder.hostshim.api import (
+    ErrorInfo,
+    GitRef,
+    ImageSpec,
+    ImageStatus,
+    MachinePhase,
+    MachineSpec,
+    MachineStatus,
+)
+from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.drift import tree_differences
+from bitbuilder.hostshim.errors import Conflict, MachineError, NotFound, ShimError, SourceError
+from bitbuilder.hostshim.layout import Layout
+from bitbuilder.hostshim.paths import TenantPaths, checked_name
+from bitbuilder.hostshim.source import Checkout
+from bitbuilder.hostshim.state import (
+    AppliedState,
+    Intent,
+    StateError,
+    StateStore,
+    TenantState,
+    machine_hash,
+    spec_hash,
+)
+
+log = logging.getLogger(__name__)
+
+
+# --- what the manager needs from B and C (their real classes satisfy these) -----------------
+
+
+class MachineInfo(Protocol):
+    @property
+    def leader_pid(self) -> int: ...
+    @property
+    def started_at(self) -> datetime: ...
+    @property
+    def address(self) -> str | None: ...
+
+
+class RunnerLike(Protocol):
+    def start(self, spec: MachineSpec, checkout: Checkout | None) -> MachineInfo: ...
+    def stop(self, name: str) -> None: ...
+    def inspect(self, name: str) -> MachineInfo | None: ...
+    def adopt(self) -> Mapping[str, MachineInfo]: ...
+    def remove_data(self, name: str) -> None: ...
+
+
+class SourceLike(Protocol):
+    def sync(self, spec: MachineSpec) -> Checkout: ...
+    def prune(self, keep: Collection[str]) -> None: ...
+    def remove(self) -> None: ...
+
+
+class ImagesLike(Protocol):
+    def put(self, name: str, spec: ImageSpec) -> ImageStatus: ...
+    def get(self, name: str) -> ImageStatus: ...
+    def list(self) -> list[ImageStatus]: ...
+
+
+SourceFactory = Callable[[TenantPaths], SourceLike]
+LayoutLoader = Callable[[Path, MachineSpec], Layout]
+TreeCheck = Callable[[Path, str, Path], list[str]]  # (bare repo, commit, tree) -> differences
+
+
+_OCTAL = re.compile(rb"\\([0-7]{3})")
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def _mounts_under(path: Path) -> list[str]:
+    """Mount points at or below `path` (from /proc/self/mountinfo, octal escapes decoded)."""
+    prefix = os.fsencode(path).rstrip(b"/")
+    found = []
+    with open("/proc/self/mountinfo", "rb") as f:
+        for line in f:
+            point = _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), line.split(b" ")[4])
+            if point == prefix or point.startswith(prefix + b"/"):
+                found.append(os.fsdecode(point))
+    return found
+
+
+def remove_tree(path: Path) -> None:
+    """rmtree that refuses to descend into anything still mounted (a bind of tenant data)."""
+    if not os.path.lexists(path):
+        return
+    if mounts := _mounts_under(path):
+        raise MachineError(f"{path} still has mounts ({', '.join(mounts[:3])}); not removed")
+    if path.is_symlink() or not path.is_dir():
+        path.unlink()
+    else:
+        shutil.rmtree(path)
+
+
+def pinned(spec: MachineSpec, commit: str) -> MachineSpec:
+    """The same spec with its source pinned to `commit` (to re-check out an applied revision)."""
+    assert spec.source is not None
+    return spec.model_copy(
+        update={"source": spec.source.model_copy(update={"ref": GitRef(commit=commit)})}
+    )
+
+
+class MachineManager:
+    def __init__(
+        self,
+        config: ShimConfig,
+        runner: RunnerLike,
+        images: ImagesLike,
+        source_for: SourceFactory,
+        load_layout: LayoutLoader,
+        tree_check: TreeCheck = tree_differences,
+        now: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.config = config
+        self.runner = runner
+        self.images = images
+        self.store = StateStore(config)
+        self._source_for = source_for
+        self._load_layout = load_layout
+        self._tree_check = tree_check
+        self._now = now
+        self._states: dict[str, TenantState] = {}
+        self._broken: dict[str, StateError] = {}
+        self._busy: dict[str, MachinePhase] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._locks_guard = threading.Lock()
+
+    # --- locking and persistence ----------------------------------------------------------
+
+    def _lock(self, name: str) -> threading.Lock:
+        with self._locks_guard:
+            return self._locks.setdefault(name, threading.Lock())
+
+    def _save(self, state: TenantState) -> None:
+        self.store.save(state)
+        self._states[state.name] = state.model_copy(deep=True)
+
+    @contextmanager
+    def _phase(self, name: str, phase: MachinePhase) -> Iterator[None]:
+        """Show a transient phase (Starting, Updating) to status readers while work runs."""
+        self._busy[name] = phase
+        try:
+            yield
+        finally:
+            self._busy.pop(name, None)
+
+    def _error(self, exc: BaseException, revision: str | None = None) -> ErrorInfo:
+        if isinstance(exc, ShimError):
+            return ErrorInfo(
+                reason=exc.reason,
+                message=exc.message,
+                revision=exc.revision or revision,
+                at=self._now(),
+            )
+        log.error("unexpected error", exc_info=exc)
+        return ErrorInfo(
+            reason="InternalError", message=f"{type(exc).__name__}: {exc}", at=self._now()
+        )
+
+    def _current_state(self, name: str) -> TenantState | None:
+        if name in self._broken:
+            raise self._broken[name]
+        state = self._states.get(name)
+        return state.model_copy(deep=True) if state is not None else None
+
+    # --- startup ---------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        """Load every state and adopt what still runs. Fast: no git, no machine starts."""
+        for name in self.store.names():
+            try:
+                state = self.store.load(name)
+            except StateError as exc:
+                log.error("tenant %s: %s", name, exc.message)
+                self._broken[name] = exc
+                continue
+            if state is not None:
+                self._states[name] = state
+        for name in self.runner.adopt():
+            if name in self._states or name in self._broken:
+                log.info("tenant %s: re-adopted its running machine", name)
+            else:
+                log.warning("tenant %s: machine runs without state; stopping it", name)
+                self.runner.stop(name)
+
+    def resume(self) -> None:
+        """Finish half-done work and bring up what should run (after startup())."""
+        for name in list(self._states):
+            with self._lock(name):
+                state = self._current_state(name)
+                if state is None:
+                    continue
+                try:
+                    if state.intent is Intent.delete:
+                        self._finish_delete(name, state.keep_data)
+                    elif self._needs_reconcile(state):
+                        self._reconcile_and_save(state)
+                    elif not state.desired.suspend:
+                        self._ensure_applied_running(state)
+                        self._save(state)
+                except Exception:
+                    log.exception("tenant %s: resuming failed", name)
+
+    @staticmethod
+    def _needs_reconcile(state: TenantState) -> bool:
+        return (
+            state.intent is not None
+            or state.applied is None
+            or state.applied.spec_hash != state.desired_hash
+        )
+
+    # --- apply -----------------------------------------------------------------------------
+
+    def apply(self, spec: MachineSpec) -> MachineStatus:
+        """Persist `spec` as desired, then bring the machine to it (synchronously)."""
+        with self._lock(spec.name):
+            state = self._current_state(spec.name) or TenantState.new(spec)
+            state.desired = spec
+            state.desired_hash = spec_hash(spec)
+            state.intent = Intent.apply
+            self._save(state)
+            self._reconcile_and_save(state)
+            return self._status(state)
+
+    def _reconcile_and_save(self, state: TenantState) -> None:
+        try:
+            self._reconcile(state)
+        finally:
+            state.intent = None
+            self._save(state)
+
+    def _reconcile(self, state: TenantState) -> None:
+        spec = state.desired
+        if spec.suspend:
+            self._suspend(state)
+            return
+        checkout: Checkout | None = None
+        if spec.source is not None:
+            try:
+                checkout = self._source(spec.name).sync(spec)
+            except Exception as exc:
+                state.source_error = self._error(exc)
+                if isinstance(exc, SourceError) and exc.revision:
+                    state.source_revision = exc.revision
+                log.warning("tenant %s: source: %s", spec.name, state.source_error.message)
+                self._ensure_applied_running(state)
+                return
+            state.source_revision = checkout.revision
+            state.source_error = None
+        self._converge(state, checkout)
+
+    def _suspend(self, state: TenantState) -> None:
+        self.runner.stop(state.name)
+        if state.applied is not None:
+            state.applied.running = False
+        state.machine_error = None
+
+    def _converge(self, state: TenantState, checkout: Checkout | None) -> None:
+        """Start or update the machine to (desired spec, checkout); roll back if that fails."""
+        spec = state.desired
+        commit = checkout.commit if checkout is not None else None
+        target = f"{commit}:{machine_hash(spec)}"
+        applied = state.applied
+        running = self.runner.inspect(spec.name)
+        same = (
+            applied is not None
+            and applied.running
+            and applied.commit == commit
+            and applied.machine_hash == machine_hash(spec)
+        )
+        if running is not None and same:
+            assert applied is not None
+            state.applied = applied.model_copy(update={"spec": spec, "spec_hash": spec_hash(spec)})
+            state.machine_error = None  # what is desired is what runs
+            state.failed_target = None
+            return
+        if running is not None and state.failed_target == target:
+            return  # this exact target failed before; the previous machine keeps running
+        with self._phase(spec.name, MachinePhase.updating if running else MachinePhase.starting):
+            if running is not None:
+                self.runner.stop(spec.name)
+            try:
+                self.runner.start(spec, checkout)
+            except Exception as exc:
+                state.machine_error = self._error(exc, checkout.revision if checkout else None)
+                state.failed_target = target
+                log.warning("tenant %s: start failed: %s", spec.name, state.machine_error.message)
+                if running is not None:
+                    self._rollback(state)
+                return
+        now = self._now()
+        state.applied = AppliedState(
+            spec=spec,
+            spec_hash=spec_hash(spec),
+            machine_hash=machine_hash(spec),
+            commit=commit,
+            ref=checkout.ref if checkout is not None else None,
+            running=True,
+            at=now,
+        )
+        state.machine_error = None
+        state.failed_target = None
+        if checkout is not None:
+            state.record_applied(checkout.commit, now)
+            self._switch_current(state.name, checkout.commit)
+            self._prune(state)
+
+    def _rollback(self, state: TenantState) -> None:
+        """The new target failed to start: bring the previous applied machine back."""
+        assert state.machine_error is not None
+        try:
+            self._start_applied(state)
+        except Exception as exc:
+            again = self._error(exc)
+            state.machine_error.message += (
+                f"; restarting the previous revision failed too: {again.message}"
+            )
+
+    def _ensure_applied_running(self, state: TenantState) -> None:
+        """Keep (or bring back) the last good machine: the desired one cannot be built now."""
+        applied = state.applied
+        if applied is None or self.runner.inspect(state.name) is not None:
+            return
+        try:
+            self._start_applied(state)
+            applied.running = True
+        except Exception as exc:
+            state.machine_error = self._error(exc, applied.revision)
+
+    def _start_applied(self, state: TenantState) -> None:
+        """(Re)start the machine exactly as last applied: same spec, same revision tree."""
+        applied = state.applied
+        assert applied is not None
+        checkout = self._applied_checkout(state)
+        self.runner.stop(state.name)
+        self.runner.start(applied.spec, checkout)
+
+    def _applied_checkout(self, state: TenantState) -> Checkout | None:
+        applied = state.applied
+        assert applied is not None
+        if applied.commit is None:
+            return None
+        tree = self._paths(state.name).revision(applied.commit)
+        if tree.is_dir():
+            layout = self._load_layout(tree, applied.spec)
+            return Checkout(applied.commit, applied.ref or applied.commit, tree, layout)
+        # The tree is gone (pruned by hand, or moved aside as tampered): check it out again.
+        checkout = self._source(state.name).sync(pinned(applied.spec, applied.commit))
+        return replace(checkout, ref=applied.ref or checkout.ref)
+
+    def _switch_current(self, name: str, commit: str) -> None:
+        """Point `current` at the applied revision: a new symlink renamed over the old one."""
+        paths = self._paths(name)
+        target = paths.revision(commit).relative_to(paths.root)
+        tmp = paths.root / f".current.{uuid.uuid4().hex}"
+        os.symlink(target, tmp)
+        os.replace(tmp, paths.current)
+
+    def _prune(self, state: TenantState) -> None:
+        try:
+            self._source(state.name).prune([h.revision for h in state.history])
+        except Exception:
+            log.exception("tenant %s: pruning old revisions failed", state.name)
+
+    # --- reads -----------------------------------------------------------------------------
+
+    def get(self, name: str) -> MachineStatus:
+        state = self._current_state(checked_name(name))
+        if state is None:
+            raise NotFound(f"machine {name!r} not found")
+        return self._status(state)
+
+    def list_machines(self) -> list[MachineStatus]:
+        statuses = []
+        for name in sorted(self._states):
+            state = self._current_state(name) if name not in self._broken else None
+            if state is not None:
+                statuses.append(self._status(state))
+        return statuses
+
+    def _status(self, state: TenantState) -> MachineStatus:
+        running = self.runner.inspect(state.name)
+        applied = state.applied
+        return MachineStatus(
+            name=state.name,
+            phase=self._phase_of(state, running is not None),
+            runtime=state.desired.runtime,
+            spec_hash=state.desired_hash,
+            source_revision=state.source_revision,
+            applied_revision=applied.commit if applied is not None else None,
+            history=state.history,
+            leader_pid=running.leader_pid if running is not None else None,
+            address=running.address if running is not None else None,
+            started_at=running.started_at if running is not None else None,
+            source_error=state.source_error,
+            machine_error=state.machine_error,
+            drift_corrections=state.drift.count,
+            last_drift=state.drift.last,
+        )
+
+    def _phase_of(self, state: TenantState, running: bool) -> MachinePhase:
+        if busy := self._busy.get(state.name):
+            return busy
+        if state.desired.suspend:
+            return MachinePhase.stopped
+        if running:
+            return MachinePhase.running
+        if state.machine_error is not None or state.source_error is not None:
+            return MachinePhase.failed
+        return MachinePhase.pending
+
+    # --- delete, restart ------------------------------------------------------------------
+
+    def delete(self, name: str, keep_data: bool | None = None) -> None:
+        """Stop the machine and remove everything of the tenant's (its data as asked)."""
+        checked_name(name)
+        with self._lock(name):
+            broken = name in self._broken
+            state = self._states.get(name)
+            if state is None and not broken and self.runner.inspect(name) is None:
+                raise NotFound(f"machine {name!r} not found")
+            if keep_data is None:
+                # Without a readable spec, keep the data: deleting it cannot be undone.
+                keep_data = state.desired.keep_data_on_delete if state is not None else True
+            if state is not None:
+                state = state.model_copy(deep=True)
+                state.intent = Intent.delete
+                state.keep_data = keep_data
+                self._save(state)
+            self._finish_delete(name, keep_data)
+
+    def _finish_delete(self, name: str, keep_data: bool) -> None:
+        paths = self._paths(name)
+        self.runner.stop(name)
+        if not keep_data:
+            self.runner.remove_data(name)
+        self._source(name).remove()
+        remove_tree(paths.run)
+        if paths.root.is_dir():
+            for entry in paths.root.iterdir():
+                if entry == paths.state_file or (keep_data and entry == paths.data):
+                    continue
+                remove_tree(entry)
+        self.store.remove(name)  # last: a crash before this resumes the delete at startup
+        if paths.root.is_dir() and not any(paths.root.iterdir()):
+            paths.root.rmdir()
+        self._states.pop(name, None)
+        self._broken.pop(name, None)
+
+    def restart(self, name: str) -> MachineStatus:
+        checked_name(name)
+        with self._lock(name):
+            state = self._current_state(name)
+            if state is None:
+                raise NotFound(f"machine {name!r} not found")
+            if state.desired.suspend:
+                raise Conflict(f"machine {name!r} is suspended; resume it to start it")
+            if state.applied is None or not state.applied.running:
+                state.intent = Intent.apply
+                self._save(state)
+                self._reconcile_and_save(state)
+                return self._status(state)
+            with self._phase(name, MachinePhase.starting):
+                try:
+                    self._start_applied(state)
+                    state.machine_error = None
+                except Exception as exc:
+                    state.machine_error = self._error(exc, state.applied.revision)
+            self._save(state)
+            return self._status(state)
+
+    # --- drift -----------------------------------------------------------------------------
+
+    def check_drift(self) -> list[str]:
+        """Correct every tenant whose host state left its applied revision; names corrected.
+
+        A tenant busy with other work is skipped (its lock is held): the next check sees it.
+        """
+        corrected = []
+        for name in list(self._states):
+            lock = self._lock(name)
+            if not lock.acquire(blocking=False):
+                continue
+            try:
+                state = self._current_state(name)
+                if state is not None and state.intent is None and self._correct_drift(state):
+                    corrected.append(name)
+            except Exception:
+                log.exception("tenant %s: drift check failed", name)
+            finally:
+                lock.release()
+        return corrected
+
+    def _correct_drift(self, state: TenantState) -> bool:
+        running = self.runner.inspect(state.name) is not None
+        applied = state.applied
+        if state.desired.suspend:
+            if not running:
+                return False
+            self.runner.stop(state.name)
+            self._record_drift(state, "MachineStopped", "machine ran while suspended; stopped")
+            return True
+        if applied is None or not applied.running:
+            return False
+        if applied.commit is not None and (changed := self._tree_changes(state)):
+            self._recheckout(state, changed)
+            return True
+        if running:
+            return False
+        with self._phase(state.name, MachinePhase.starting):
+            try:
+                self._start_applied(state)
+            except Exception as exc:
+                state.machine_error = self._error(exc, applied.revision)
+        self._record_drift(state, "MachineRestarted", "machine was not running; restarted")
+        return True
+
+    def _tree_changes(self, state: TenantState) -> list[str]:
+        assert state.applied is not None and state.applied.commit is not None
+        paths = self._paths(state.name)
+        tree = paths.revision(state.applied.commit)
+        if not tree.is_dir():
+            return ["(revision tree missing)"]
+        return self._tree_check(paths.repo, state.applied.commit, tree)
+
+    def _recheckout(self, state: TenantState, changed: list[str]) -> None:
+        """The applied revision's tree was modified on the host: check it out fresh, restart."""
+        assert state.applied is not None and state.applied.commit is not None
+        paths = self._paths(state.name)
+        tree = paths.revision(state.applied.commit)
+        aside = paths.revisions / f".tampered-{state.applied.commit}-{uuid.uuid4().hex[:8]}"
+        if tree.is_dir():
+            os.rename(tree, aside)
+        with self._phase(state.name, MachinePhase.updating):
+            try:
+                self._start_applied(state)
+                state.machine_error = None
+            except Exception as exc:
+                state.machine_error = self._error(exc, state.applied.revision)
+        try:
+            remove_tree(aside)
+        except ShimError as exc:
+            log.warning("tenant %s: %s", state.name, exc.message)
+        shown = ", ".join(changed[:5]) + (" ..." if len(changed) > 5 else "")
+        self._record_drift(
+            state,
+            "RevisionTreeModified",
+            f"files of the applied revision changed on the host ({shown}); checked out again and restarted",
+        )
+
+    def _record_drift(self, state: TenantState, reason: str, message: str) -> None:
+        log.warning("tenant %s: drift: %s", state.name, message)
+        state.drift.count += 1
+        revision = state.applied.revision if state.applied is not None else None
+        state.drift.last = ErrorInfo(
+            reason=reason, message=message, revision=revision, at=self._now()
+        )
+        self._save(state)
+
+    # --- images ----------------------------------------------------------------------------
+
+    def put_image(self, name: str, spec: ImageSpec) -> ImageStatus:
+        return self.images.put(checked_name(name), spec)
+
+    def get_image(self, name: str) -> ImageStatus:
+        return self.images.get(checked_name(name))
+
+    def list_images(self) -> list[ImageStatus]:
+        return self.images.list()
+
+    # --- helpers ---------------------------------------------------------------------------
+
+    def _paths(self, name: str) -> TenantPaths:
+        return TenantPaths(self.config, name)
+
+    def _source(self, name: str) -> SourceLike:
+        return self._source_for(self._paths(name))

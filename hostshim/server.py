@@ -1,0 +1,399 @@
+"""HTTP/JSON on a unix socket: peer-credential check, strict input handling, errors as ApiError.
+
+Every client input ends in a 2xx or a 4xx whose ApiError body names the problem; a 5xx means a
+bug in the shim (logged with its traceback). Blocking work (git, machines) runs in worker
+threads, so /healthz answers while a tenant is being reconciled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import json
+import logging
+import os
+import re
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from bitbuilder.hostshim.api import (
+    API_VERSION,
+    DNS1123_LABEL_PATTERN,
+    ApiError,
+    ImageList,
+    ImageSpec,
+    MachineList,
+    MachineSpec,
+)
+from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.errors import ShimError
+from bitbuilder.hostshim.machines import MachineManager
+from bitbuilder.hostshim.openapi import openapi_document
+
+log = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+_LABEL = re.compile(DNS1123_LABEL_PATTERN)
+_MAX_ERRORS_SHOWN = 5
+
+
+class ApiProblem(Exception):
+    """A request the shim refuses: becomes an ApiError body with `status`."""
+
+    def __init__(self, status: int, error: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.error, self.message, self.field = status, error, message, field
+
+
+def _reply(status: int, error: str, message: str, field: str | None = None) -> web.Response:
+    body = ApiError(error=error, message=message, field=field).wire()
+    return web.json_response(body, status=status)
+
+
+def _camel(reason: str) -> str:
+    return "".join(word.capitalize() for word in re.split(r"[^A-Za-z0-9]+", reason) if word)
+
+
+# --- middlewares ---------------------------------------------------------------------------
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Map every failure to an ApiError body; unexpected ones to 500 with a logged traceback."""
+    try:
+        return await handler(request)
+    except ApiProblem as exc:
+        return _reply(exc.status, exc.error, exc.message, exc.field)
+    except ShimError as exc:
+        if exc.status >= 500:
+            log.error("%s %s: %s", request.method, request.path, exc.message)
+        return _reply(exc.status, exc.reason, exc.message)
+    except web.HTTPException as exc:
+        if exc.status == 413:
+            return _reply(
+                413,
+                "PayloadTooLarge",
+                f"request body is larger than {request.app[_STATE].config.max_body_bytes} bytes",
+            )
+        return _reply(
+            exc.status, _camel(exc.reason), f"{exc.reason}: {request.method} {request.path}"
+        )
+    except Exception:
+        log.exception("unexpected error serving %s %s", request.method, request.path)
+        return _reply(500, "InternalError", "the shim failed unexpectedly; see its log")
+
+
+def peer_credentials(request: web.Request) -> tuple[int, int, int] | None:
+    """(pid, uid, gid) of the process at the other end of the unix socket."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return pid, uid, gid
+
+
+@web.middleware
+async def _peer_check(request: web.Request, handler: Handler) -> web.StreamResponse:
+    config = request.app[_STATE].config
+    creds = peer_credentials(request)
+    if creds is None:
+        raise ApiProblem(
+            403, "Forbidden", "only unix-socket peers with known credentials are served"
+        )
+    _, uid, gid = creds
+    if uid not in config.allowed_uids and gid not in config.allowed_gids:
+        raise ApiProblem(403, "Forbidden", f"uid {uid} / gid {gid} may not use this socket")
+    return await handler(request)
+
+
+# --- request parsing -----------------------------------------------------------------------
+
+
+def _reject_constant(name: str) -> object:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def _json_body(request: web.Request) -> object:
+    if request.content_type != "application/json":
+        raise ApiProblem(
+            415,
+            "UnsupportedMediaType",
+            f"the body must be application/json, not {request.content_type!r}",
+        )
+    limit = request.app[_STATE].config.max_body_bytes
+    if request.content_length is not None and request.content_length > limit:
+        raise ApiProblem(413, "PayloadTooLarge", f"request body is larger than {limit} bytes")
+    raw = await request.read()
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:
+        raise ApiProblem(
+            400, "InvalidJSON", f"the body is not valid JSON: {str(exc)[:200]}"
+        ) from None
+
+
+def _validate(model: type[M], data: object) -> M:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        errors = exc.errors(include_input=False, include_url=False)
+        parts = []
+        for error in errors[:_MAX_ERRORS_SHOWN]:
+            loc = ".".join(str(p) for p in error["loc"])
+            parts.append(f"{loc}: {error['msg']}" if loc else error["msg"])
+        more = (
+            f" (and {len(errors) - _MAX_ERRORS_SHOWN} more)"
+            if len(errors) > _MAX_ERRORS_SHOWN
+            else ""
+        )
+        first = ".".join(str(p) for p in errors[0]["loc"]) or None
+        raise ApiProblem(422, "ValidationFailed", "; ".join(parts) + more, first) from None
+
+
+def _name(request: web.Request) -> str:
+    name = request.match_info["name"]
+    if len(name) > 63 or not _LABEL.fullmatch(name):
+        raise ApiProblem(
+            422,
+            "ValidationFailed",
+            "name: must be a DNS-1123 label (a-z, 0-9, '-', at most 63)",
+            "name",
+        )
+    return name
+
+
+def _query(request: web.Request, allowed: Collection[str] = ()) -> dict[str, str]:
+    unknown = sorted(set(request.query) - set(allowed))
+    if unknown:
+        raise ApiProblem(
+            422, "ValidationFailed", f"unknown query parameter {unknown[0]!r}", unknown[0]
+        )
+    return {k: request.query[k] for k in allowed if k in request.query}
+
+
+def _bool_param(params: dict[str, str], key: str) -> bool | None:
+    value = params.get(key)
+    if value is None:
+        return None
+    if value not in ("true", "false"):
+        raise ApiProblem(422, "ValidationFailed", f"{key}: must be true or false", key)
+    return value == "true"
+
+
+# --- the application ------------------------------------------------------------------------
+
+
+class ShimApp:
+    """Routes and the worker pools behind them."""
+
+    def __init__(
+        self, manager: MachineManager, config: ShimConfig, drift_interval: float | None
+    ) -> None:
+        self.manager = manager
+        self.config = config
+        self.drift_interval = drift_interval
+        # Long work (git, starting machines) and quick reads get separate threads, so a burst
+        # of PUTs never delays a status read.
+        self._work = ThreadPoolExecutor(max_workers=16, thread_name_prefix="shim-work")
+        self._reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shim-read")
+        self._tasks: list[asyncio.Task[None]] = []
+        self.resumed = False
+
+    async def work(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._work, partial(fn, *args))
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reads, partial(fn, *args))
+
+    def build(self) -> web.Application:
+        app = web.Application(
+            middlewares=[_errors, _peer_check], client_max_size=self.config.max_body_bytes
+        )
+        app[_STATE] = self
+        v = f"/{API_VERSION}"
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/openapi.json", self.openapi)
+        app.router.add_get(f"{v}/machines", self.list_machines)
+        app.router.add_get(f"{v}/machines/{{name}}", self.get_machine)
+        app.router.add_put(f"{v}/machines/{{name}}", self.put_machine)
+        app.router.add_delete(f"{v}/machines/{{name}}", self.delete_machine)
+        app.router.add_post(f"{v}/machines/{{name}}/restart", self.restart_machine)
+        app.router.add_get(f"{v}/images", self.list_images)
+        app.router.add_get(f"{v}/images/{{name}}", self.get_image)
+        app.router.add_put(f"{v}/images/{{name}}", self.put_image)
+        app.on_startup.append(self._start_background)
+        app.on_cleanup.append(self._stop_background)
+        return app
+
+    # --- background: resume half-done work, then check for drift -----------------------
+
+    async def _start_background(self, app: web.Application) -> None:
+        self._tasks.append(asyncio.create_task(self._background()))
+
+    async def _background(self) -> None:
+        try:
+            await self.work(self.manager.resume)
+        except Exception:
+            log.exception("resuming tenants failed")
+        self.resumed = True
+        while self.drift_interval is not None:
+            await asyncio.sleep(self.drift_interval)
+            try:
+                await self.work(self.manager.check_drift)
+            except Exception:
+                log.exception("drift check failed")
+
+    async def _stop_background(self, app: web.Application) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._work.shutdown(wait=False, cancel_futures=True)
+        self._reads.shutdown(wait=False, cancel_futures=True)
+
+    # --- handlers ------------------------------------------------------------------------
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        _query(request)
+        return web.json_response({"status": "ok", "resumed": self.resumed})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        _query(request)
+        return web.json_response(openapi_document())
+
+    async def list_machines(self, request: web.Request) -> web.Response:
+        _query(request)
+        items = await self.read(self.manager.list_machines)
+        return web.json_response(MachineList(items=items).wire())
+
+    async def get_machine(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        _query(request)
+        return web.json_response((await self.read(self.manager.get, name)).wire())
+
+    async def put_machine(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        _query(request)
+        spec = _validate(MachineSpec, await _json_body(request))
+        if spec.name != name:
+            raise ApiProblem(
+                422,
+                "ValidationFailed",
+                f"name: the body names {spec.name!r}, the path {name!r}",
+                "name",
+            )
+        return web.json_response((await self.work(self.manager.apply, spec)).wire())
+
+    async def delete_machine(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        keep = _bool_param(_query(request, ("keepData",)), "keepData")
+        await self.work(self.manager.delete, name, keep)
+        return web.json_response({"deleted": name})
+
+    async def restart_machine(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        _query(request)
+        return web.json_response((await self.work(self.manager.restart, name)).wire())
+
+    async def list_images(self, request: web.Request) -> web.Response:
+        _query(request)
+        items = await self.read(self.manager.list_images)
+        return web.json_response(ImageList(items=items).wire())
+
+    async def get_image(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        _query(request)
+        return web.json_response((await self.read(self.manager.get_image, name)).wire())
+
+    async def put_image(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        _query(request)
+        spec = _validate(ImageSpec, await _json_body(request))
+        return web.json_response((await self.work(self.manager.put_image, name, spec)).wire())
+
+
+_STATE = web.AppKey("shim", ShimApp)
+
+
+# --- the socket ------------------------------------------------------------------------------
+
+
+def _clear_stale_socket(path: Path) -> None:
+    """Remove a socket left by a dead shim; refuse anything else (a file, a live shim)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise RuntimeError(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(1.0)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise
+    else:
+        raise RuntimeError(f"another process is serving on {path}")
+    finally:
+        probe.close()
+    path.unlink(missing_ok=True)
+
+
+def bind_socket(config: ShimConfig) -> socket.socket:
+    """The listening socket: mode 0660 (group = the first allowed gid) set before listen()."""
+    path = config.socket_path
+    path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
+    _clear_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(path))
+        if config.allowed_gids:
+            os.chown(path, -1, min(config.allowed_gids))
+        os.chmod(path, 0o660)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def serve(
+    manager: MachineManager,
+    config: ShimConfig,
+    stop: asyncio.Event,
+    *,
+    drift_interval: float | None = 30.0,
+    ready: Callable[[], None] | None = None,
+) -> None:
+    """Serve until `stop` is set. Machines keep running after: they do not belong to the shim."""
+    app = ShimApp(manager, config, drift_interval).build()
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = bind_socket(config)
+    try:
+        await web.SockSite(runner, sock).start()
+        log.info("serving on %s", config.socket_path)
+        if ready is not None:
+            ready()
+        await stop.wait()
+    finally:
+        await runner.cleanup()
+        sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            config.socket_path.unlink()

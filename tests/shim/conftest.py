@@ -1,0 +1,102 @@
+"""Fixtures: a real shim server (in a thread, on a unix socket under tmp_path) over fakes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bitbuilder.hostshim.api import ImageSpec
+from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.machines import MachineManager
+from bitbuilder.hostshim.paths import TenantPaths
+from tests.helpers.wait import wait_for
+from tests.shim.fakes import (
+    FakeImages,
+    FakeRemote,
+    FakeRunner,
+    FakeSource,
+    fake_layout,
+    fake_tree_check,
+)
+from tests.shim.harness import ServerThread, ShimClient
+
+REPO_URL = "https://git.example.com/tenants/web.git"
+
+
+def shim_config(root: Path, **overrides: Any) -> ShimConfig:
+    return ShimConfig(
+        state_dir=root / "state",
+        runtime_dir=root / "run",
+        socket_path=root / "run" / "hostshim.sock",
+        **overrides,
+    )
+
+
+def machine_spec(name: str = "web", **overrides: Any) -> dict[str, Any]:
+    """A MachineSpec body (wire form) following REPO_URL's main branch."""
+    spec: dict[str, Any] = {
+        "name": name,
+        "image": "base",
+        "source": {"url": REPO_URL, "ref": {"branch": "main"}},
+    }
+    spec.update(overrides)
+    return spec
+
+
+@dataclass
+class FakeShim:
+    """A served shim over fakes; restart() replaces the manager and server, keeps the fakes."""
+
+    config: ShimConfig
+    remote: FakeRemote = field(default_factory=FakeRemote)
+    runner: FakeRunner = field(default_factory=FakeRunner)
+    images: FakeImages = field(default_factory=FakeImages)
+    server: ServerThread | None = None
+
+    def __post_init__(self) -> None:
+        self.client = ShimClient(str(self.config.socket_path))
+
+    def new_manager(self) -> MachineManager:
+        def source_for(paths: TenantPaths) -> FakeSource:
+            return FakeSource(paths, self.remote)
+
+        return MachineManager(
+            self.config,
+            self.runner,
+            self.images,
+            source_for,
+            fake_layout,
+            tree_check=fake_tree_check,
+        )
+
+    def start(self) -> FakeShim:
+        self.manager = self.new_manager()
+        self.manager.startup()
+        self.server = ServerThread(self.manager, self.config).start()
+        wait_for(lambda: self.client.request("GET", "/healthz").body["resumed"], what="resume")
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def fake_shim(tmp_path: Path) -> Iterator[FakeShim]:
+    shim = FakeShim(shim_config(tmp_path))
+    shim.remote.push(REPO_URL, "main", "c1")
+    shim.images.put("base", ImageSpec(path="/srv/images/base"))
+    shim.start()
+    try:
+        yield shim
+    finally:
+        shim.stop()

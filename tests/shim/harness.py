@@ -1,0 +1,122 @@
+"""A real shim server in a thread on a unix socket, and a small synchronous client for it."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import socket
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.machines import MachineManager
+from bitbuilder.hostshim.server import serve
+
+JSON = "application/json"
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any
+    content_type: str
+
+
+class ShimClient:
+    """One request per connection: simple, and each request sees a fresh peer check."""
+
+    def __init__(self, socket_path: str, timeout: float = 60.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: object = None,
+        *,
+        raw: bytes | None = None,
+        content_type: str | None = JSON,
+    ) -> Reply:
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        try:
+            data = raw if raw is not None else None if body is None else json.dumps(body).encode()
+            headers = {"Content-Type": content_type} if content_type and data is not None else {}
+            conn.request(method, path, body=data, headers=headers)
+            resp = conn.getresponse()
+            payload = resp.read()
+            ctype = resp.getheader("Content-Type", "")
+            parsed = json.loads(payload) if ctype.startswith(JSON) else payload.decode()
+            return Reply(resp.status, parsed, ctype)
+        finally:
+            conn.close()
+
+    def put(self, spec: dict[str, Any]) -> Reply:
+        return self.request("PUT", f"/v1/machines/{spec['name']}", spec)
+
+    def get(self, name: str) -> Reply:
+        return self.request("GET", f"/v1/machines/{name}")
+
+    def delete(self, name: str, keep_data: bool | None = None) -> Reply:
+        query = "" if keep_data is None else f"?keepData={str(keep_data).lower()}"
+        return self.request("DELETE", f"/v1/machines/{name}{query}")
+
+
+class ServerThread:
+    """serve() on its own event loop in a thread; stop() leaves machines running."""
+
+    def __init__(
+        self, manager: MachineManager, config: ShimConfig, drift_interval: float | None = None
+    ) -> None:
+        self.manager = manager
+        self.config = config
+        self.drift_interval = drift_interval
+        self._ready = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="shim-server", daemon=True)
+
+    def _run(self) -> None:
+        async def main() -> None:
+            self._loop = asyncio.get_running_loop()
+            self._stop = asyncio.Event()
+            await serve(
+                self.manager,
+                self.config,
+                self._stop,
+                drift_interval=self.drift_interval,
+                ready=self._ready.set,
+            )
+
+        try:
+            asyncio.run(main())
+        except BaseException as exc:
+            self._error = exc
+            self._ready.set()
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(30) or self._error is not None:
+            raise RuntimeError(f"shim did not start: {self._error!r}")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and self._thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(30)
+        assert not self._thread.is_alive(), "shim server thread did not stop"

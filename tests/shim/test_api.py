@@ -1,0 +1,198 @@
+"""The shim's HTTP API over fakes: lifecycle, idempotency, errors in status, restart, images."""
+
+from __future__ import annotations
+
+from bitbuilder.hostshim.api import ImageSpec, MachineStatus
+from tests.shim.conftest import REPO_URL, FakeShim, machine_spec
+from tests.shim.fakes import commit_id
+
+
+def status(reply_body: object) -> MachineStatus:
+    return MachineStatus.model_validate(reply_body)
+
+
+def test_create_runs_at_the_repo_head(fake_shim: FakeShim) -> None:
+    reply = fake_shim.client.put(machine_spec())
+    assert reply.status == 200, reply.body
+    st = status(reply.body)
+    assert st.phase == "Running"
+    assert st.applied_revision == commit_id("c1")
+    assert st.source_revision == f"main@sha1:{commit_id('c1')}"
+    assert st.leader_pid == fake_shim.runner.machines["web"].leader_pid
+    assert [h.revision for h in st.history] == [commit_id("c1")]
+    got = fake_shim.client.get("web")
+    assert got.status == 200 and status(got.body).leader_pid == st.leader_pid
+
+
+def test_same_spec_same_head_changes_nothing(fake_shim: FakeShim) -> None:
+    first = status(fake_shim.client.put(machine_spec()).body)
+    second = status(fake_shim.client.put(machine_spec()).body)
+    assert second.leader_pid == first.leader_pid
+    assert fake_shim.runner.starts == ["web"] and fake_shim.runner.stops == []
+    assert second.spec_hash == first.spec_hash
+    # The remote head was asked again (that is how the operator polls).
+    assert len(fake_shim.remote.syncs) == 2
+
+
+def test_new_commit_updates_the_machine(fake_shim: FakeShim) -> None:
+    first = status(fake_shim.client.put(machine_spec()).body)
+    c2 = fake_shim.remote.push(REPO_URL, "main", "c2")
+    second = status(fake_shim.client.put(machine_spec()).body)
+    assert second.phase == "Running"
+    assert second.applied_revision == c2
+    assert second.leader_pid != first.leader_pid
+    assert [h.revision for h in second.history] == [c2, commit_id("c1")]
+    current = fake_shim.config.state_dir / "tenants" / "web" / "current"
+    assert current.resolve().name == c2
+
+
+def test_bad_commit_is_refused_and_previous_keeps_running(fake_shim: FakeShim) -> None:
+    first = status(fake_shim.client.put(machine_spec()).body)
+    bad = fake_shim.remote.push(REPO_URL, "main", "bad")
+    fake_shim.remote.bad.add(bad)
+    reply = fake_shim.client.put(machine_spec())
+    assert reply.status == 200
+    st = status(reply.body)
+    assert st.phase == "Running"
+    assert st.leader_pid == first.leader_pid
+    assert st.applied_revision == commit_id("c1")
+    assert st.source_error is not None and st.source_error.reason == "InvalidRevision"
+    assert st.source_error.revision == f"main@sha1:{bad}"
+    # Fixing the repo clears the error and updates.
+    good = fake_shim.remote.push(REPO_URL, "main", "c3")
+    st = status(fake_shim.client.put(machine_spec()).body)
+    assert st.source_error is None and st.applied_revision == good
+
+
+def test_unreachable_source_without_good_revision_fails(fake_shim: FakeShim) -> None:
+    fake_shim.remote.unreachable.add(REPO_URL)
+    st = status(fake_shim.client.put(machine_spec()).body)
+    assert st.phase == "Failed"
+    assert st.source_error is not None and st.source_error.reason == "SourceUnreachable"
+    assert "web" not in fake_shim.runner.machines
+
+
+def test_spec_change_restarts_but_credentials_alone_do_not(fake_shim: FakeShim) -> None:
+    first = status(fake_shim.client.put(machine_spec()).body)
+    source = {
+        "url": REPO_URL,
+        "ref": {"branch": "main"},
+        "credentials": {"username": "u", "password": "s3cret-token"},
+    }
+    st = status(fake_shim.client.put(machine_spec(source=source)).body)
+    assert st.leader_pid == first.leader_pid
+    assert st.spec_hash != first.spec_hash  # a credential change is noticed ...
+    assert "s3cret" not in str(fake_shim.client.get("web").body)  # ... never shown
+    st = status(fake_shim.client.put(machine_spec(resources={"memoryBytes": 2**30})).body)
+    assert st.leader_pid != first.leader_pid
+
+
+def test_failed_start_rolls_back_and_is_not_retried_each_poll(fake_shim: FakeShim) -> None:
+    first = status(fake_shim.client.put(machine_spec()).body)
+    fake_shim.runner.fail_images.add("broken")
+    fake_shim.images.put("broken", ImageSpec(path="/srv/images/broken"))
+    st = status(fake_shim.client.put(machine_spec(image="broken")).body)
+    assert st.machine_error is not None and st.machine_error.reason == "MachineFailed"
+    assert st.phase == "Running"  # the previous machine came back
+    rolled_back = st.leader_pid
+    assert rolled_back is not None and rolled_back != first.leader_pid
+    assert fake_shim.runner.machines["web"].spec.image == "base"
+    st = status(fake_shim.client.put(machine_spec(image="broken")).body)
+    assert st.leader_pid == rolled_back  # the same failing target is not tried again
+    st = status(fake_shim.client.put(machine_spec()).body)
+    assert st.machine_error is None and st.phase == "Running"
+
+
+def test_suspend_stops_and_resume_starts(fake_shim: FakeShim) -> None:
+    status(fake_shim.client.put(machine_spec()).body)
+    fake_shim.runner.data.add("web")
+    st = status(fake_shim.client.put(machine_spec(suspend=True)).body)
+    assert st.phase == "Stopped" and st.leader_pid is None
+    assert "web" not in fake_shim.runner.machines and "web" in fake_shim.runner.data
+    assert st.applied_revision == commit_id("c1")
+    st = status(fake_shim.client.put(machine_spec()).body)
+    assert st.phase == "Running" and st.leader_pid is not None
+
+
+def test_restart_gives_a_new_leader_on_the_same_revision(fake_shim: FakeShim) -> None:
+    first = status(fake_shim.client.put(machine_spec()).body)
+    reply = fake_shim.client.request("POST", "/v1/machines/web/restart")
+    assert reply.status == 200
+    st = status(reply.body)
+    assert st.leader_pid != first.leader_pid and st.applied_revision == first.applied_revision
+    fake_shim.client.put(machine_spec(suspend=True))
+    reply = fake_shim.client.request("POST", "/v1/machines/web/restart")
+    assert reply.status == 409 and reply.body["error"] == "Conflict"
+
+
+def test_delete_removes_machine_state_and_data(fake_shim: FakeShim) -> None:
+    fake_shim.client.put(machine_spec())
+    root = fake_shim.config.state_dir / "tenants" / "web"
+    assert (root / "state.json").is_file()
+    reply = fake_shim.client.delete("web")
+    assert reply.status == 200
+    assert "web" not in fake_shim.runner.machines and "web" not in fake_shim.runner.data
+    assert not root.exists()
+    assert fake_shim.client.get("web").status == 404
+    assert fake_shim.client.delete("web").status == 404
+
+
+def test_delete_keep_data_keeps_only_data(fake_shim: FakeShim) -> None:
+    fake_shim.client.put(machine_spec())
+    root = fake_shim.config.state_dir / "tenants" / "web"
+    (root / "data").mkdir()
+    (root / "data" / "db").write_text("x")
+    assert fake_shim.client.delete("web", keep_data=True).status == 200
+    assert "web" in fake_shim.runner.data
+    assert sorted(p.name for p in root.iterdir()) == ["data"]
+    assert fake_shim.client.get("web").status == 404
+
+
+def test_list_machines(fake_shim: FakeShim) -> None:
+    fake_shim.client.put(machine_spec("a"))
+    fake_shim.client.put(machine_spec("b", source=None))
+    reply = fake_shim.client.request("GET", "/v1/machines")
+    assert reply.status == 200
+    items = {i["name"]: i for i in reply.body["items"]}
+    assert set(items) == {"a", "b"}
+    assert items["b"]["phase"] == "Running" and "appliedRevision" not in items["b"]
+
+
+def test_images_put_get_list(fake_shim: FakeShim) -> None:
+    reply = fake_shim.client.request("PUT", "/v1/images/alpine", {"path": "/srv/images/alpine"})
+    assert reply.status == 200 and reply.body["name"] == "alpine"
+    assert (
+        fake_shim.client.request("GET", "/v1/images/alpine").body["source"] == "/srv/images/alpine"
+    )
+    names = [i["name"] for i in fake_shim.client.request("GET", "/v1/images").body["items"]]
+    assert sorted(names) == ["alpine", "base"]
+    missing = fake_shim.client.request("GET", "/v1/images/nope")
+    assert missing.status == 422 and missing.body["error"] == "ImageNotFound"
+
+
+def test_healthz_answers_while_a_put_is_busy(fake_shim: FakeShim) -> None:
+    import threading
+
+    gate = threading.Event()
+    entered = threading.Event()
+    real_sync = type(fake_shim.manager)._reconcile
+
+    def slow(self: object, state: object) -> None:
+        entered.set()
+        gate.wait(30)
+        real_sync(self, state)  # type: ignore[arg-type]
+
+    fake_shim.manager._reconcile = slow.__get__(fake_shim.manager)  # type: ignore[method-assign]
+    result: list[int] = []
+    worker = threading.Thread(
+        target=lambda: result.append(fake_shim.client.put(machine_spec()).status)
+    )
+    worker.start()
+    try:
+        assert entered.wait(30)
+        assert fake_shim.client.request("GET", "/healthz").status == 200
+        assert fake_shim.client.get("web").status == 200  # status reads never wait for the lock
+    finally:
+        gate.set()
+        worker.join(30)
+    assert result == [200]
