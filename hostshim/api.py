@@ -408,6 +408,12 @@ class MachineStatus(WireModel):
     started_at: datetime | None = None
     source_error: ErrorInfo | None = None
     machine_error: ErrorInfo | None = None
+    drift_corrections: int = Field(
+        0, description="How often the shim found the host out of step with the applied revision."
+    )
+    last_drift: ErrorInfo | None = Field(
+        None, description="The last correction: MachineRestarted, RevisionTreeModified, ..."
+    )
 
 
 class MachineList(WireModel):
