@@ -1,0 +1,99 @@
+"""`bitbuilder-hostshim-install`: put the shim's units and boot-time generator on this host.
+
+- the unit files shipped in the package (hostshim/units/) go to --unit-dir;
+- the generator is written to --generator-dir as a two-line script run by this interpreter;
+- the units call `bitbuilder-hostshim` through systemd's fixed executable search path, so
+  when it is not found there (a virtualenv install) a symlink goes to /usr/local/bin.
+Then `systemctl daemon-reload`, and with --enable the socket and service are enabled and
+started. Idempotent: running it again rewrites the same files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+
+from bitbuilder.hostshim.config import DEFAULT_STATE_DIR
+from bitbuilder.hostshim.systemd import systemctl
+
+GENERATOR_NAME = "bitbuilder-hostshim-generator"
+ENTRY_POINT = "bitbuilder-hostshim"
+# What systemd searches for a unit's non-absolute ExecStart= binary (systemd.service(5)).
+SYSTEMD_EXEC_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin")
+UNITS = ("bitbuilder-hostshim.service", "bitbuilder-hostshim.socket", "setup-tenant@.service")
+
+
+def shipped_unit(name: str) -> str:
+    return resources.files("bitbuilder.hostshim").joinpath("units", name).read_text()
+
+
+def generator_script(state_dir: Path) -> str:
+    return (
+        f"#!{sys.executable} -I\n"
+        "from pathlib import Path\n"
+        "from bitbuilder.hostshim.generator import main\n"
+        f"raise SystemExit(main(state_dir=Path({str(state_dir)!r})))\n"
+    )
+
+
+def _write(path: Path, text: str, mode: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.chmod(mode)
+    tmp.replace(path)
+
+
+def link_entry_point(bin_dir: Path) -> Path | None:
+    """Make `bitbuilder-hostshim` findable by systemd; returns the symlink made, if any."""
+    if shutil.which(ENTRY_POINT, path=":".join(SYSTEMD_EXEC_PATH)):
+        return None
+    target = Path(sys.prefix) / "bin" / ENTRY_POINT
+    if not target.is_file():
+        raise SystemExit(f"{target} not found: install the package first")
+    link = bin_dir / ENTRY_POINT
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    link.unlink(missing_ok=True)
+    link.symlink_to(target)
+    return link
+
+
+def install(unit_dir: Path, generator_dir: Path, bin_dir: Path, state_dir: Path) -> list[Path]:
+    written = []
+    for unit in UNITS:
+        _write(unit_dir / unit, shipped_unit(unit), 0o644)
+        written.append(unit_dir / unit)
+    _write(generator_dir / GENERATOR_NAME, generator_script(state_dir), 0o755)
+    written.append(generator_dir / GENERATOR_NAME)
+    link = link_entry_point(bin_dir)
+    if link is not None:
+        written.append(link)
+    return written
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bitbuilder-hostshim-install", description=__doc__)
+    parser.add_argument("--unit-dir", type=Path, default=Path("/etc/systemd/system"))
+    parser.add_argument(
+        "--generator-dir", type=Path, default=Path("/usr/lib/systemd/system-generators")
+    )
+    parser.add_argument("--bin-dir", type=Path, default=Path("/usr/local/bin"))
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    parser.add_argument("--no-reload", action="store_true", help="skip systemctl daemon-reload")
+    parser.add_argument("--enable", action="store_true", help="enable and start the shim")
+    args = parser.parse_args(argv)
+    for path in install(args.unit_dir, args.generator_dir, args.bin_dir, args.state_dir):
+        print(f"installed {path}")
+    if not args.no_reload:
+        systemctl.daemon_reload()
+    if args.enable:
+        systemctl.enable_now("bitbuilder-hostshim.socket", "bitbuilder-hostshim.service")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
