@@ -1,11 +1,58 @@
-"""The tenant's config repo through pygit2: fetch, verify, check out one tree per commit."""
+"""The tenant's config repo through pygit2: fetch, verify, check out one tree per commit.
+
+Per tenant: a bare repository (TenantPaths.repo) holding only the refs the spec follows, and
+one immutable directory per checked-out commit (TenantPaths.revision). The remote's head is
+asked first (ls-remote); objects are fetched only when it differs from the local ref. Git is
+the truth: a force-pushed branch is followed, and reported on the Checkout.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Collection
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import unquote, urlsplit
 
-from bitbuilder.hostshim.layout import Layout
+import pygit2
+
+from bitbuilder.hostshim import checkout, credentials, safepath, signing
+from bitbuilder.hostshim.api import GitRef, MachineSpec, SourceSpec
+from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.errors import SourceError
+from bitbuilder.hostshim.layout import Layout, load_layout, os_release_value
+from bitbuilder.hostshim.paths import ImagePaths, TenantPaths
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_MS = 5_000  # TCP connect; an unreachable host fails in seconds, not minutes
+IO_TIMEOUT_MS = 60_000  # a stalled server
+ORIGIN_BRANCH = "refs/remotes/origin/"
+ALL_REFS = ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"]
+_OS_RELEASE = ("usr/lib/os-release", "etc/os-release")
+
+# Fragments of libgit2 messages, by what they mean.
+_AUTH_HINTS = ("authentication", "401", "403", "credentials", "callback set")
+_CORRUPT_HINTS = ("corrupt", "hash mismatch", "inflate", "decompress", "object not found",
+                  "failed to parse", "packfile", "bad object", "odb", "invalid object")  # fmt: skip
+_HOSTKEY_HINTS = ("certificate", "hostkey", "host key")
+
+
+class RefNotFound(SourceError):
+    reason = "RefNotFound"
+
+
+class CorruptRepository(SourceError):
+    reason = "CorruptRepository"
+
+
+class SourceNotAllowed(SourceError):
+    reason = "SourceNotAllowed"
 
 
 @dataclass(frozen=True)
@@ -14,7 +61,252 @@ class Checkout:
     ref: str  # "main", "v1.0" or the commit itself
     tree: Path  # TenantPaths.revision(commit): complete and immutable once returned
     layout: Layout
+    # The local head this sync replaced when the remote branch was force-pushed to a commit
+    # that does not descend from it (git is the truth: followed, but worth a status line).
+    forced_from: str | None = None
 
     @property
     def revision(self) -> str:
         return f"{self.ref}@sha1:{self.commit}"
+
+
+class GitSource:
+    def __init__(self, paths: TenantPaths, config: ShimConfig) -> None:
+        self.paths = paths
+        self.config = config
+        pygit2.settings.server_connect_timeout = CONNECT_TIMEOUT_MS
+        pygit2.settings.server_timeout = IO_TIMEOUT_MS
+
+    # --- public -------------------------------------------------------------------------------
+
+    def remote_head(self, spec: SourceSpec) -> str:
+        """The commit (or tag object, if the server does not peel) the ref names on the remote.
+
+        Only the ref advertisement is read; no object is fetched. A pinned commit is itself.
+        """
+        self._check_allowed(spec.url)
+        if spec.ref.commit:
+            return spec.ref.commit
+        direct, peeled = self._advertised(self._open(), spec)
+        return peeled or direct
+
+    def sync(self, spec: MachineSpec) -> Checkout:
+        """Bring the ref's commit into a checked-out, verified, layout-checked revision tree."""
+        source = spec.source
+        if source is None:
+            raise SourceError("the machine has no source", reason="NoSource")
+        self._check_allowed(source.url)
+        try:
+            return self._sync(spec, source)
+        except CorruptRepository as exc:
+            # Local objects went bad (disk, crash): start from an empty repo once.
+            log.warning("%s: %s; re-cloning the repository", self.paths.name, exc.message)
+            safepath.remove_tree(self.paths.repo)
+            return self._sync(spec, source)
+
+    def prune(self, keep: Collection[str]) -> None:
+        """Drop revision trees (and leftovers of interrupted checkouts) not in `keep`."""
+        if not self.paths.revisions.is_dir():
+            return
+        for child in self.paths.revisions.iterdir():
+            if child.name in keep:
+                continue
+            try:
+                safepath.remove_tree(child)
+            except OSError as exc:  # e.g. still mounted by a running machine
+                log.warning("%s: keeping revision %s: %s", self.paths.name, child.name, exc)
+
+    def remove(self) -> None:
+        """Remove the repository, every revision tree and the credentials."""
+        for path in (self.paths.repo, self.paths.revisions, self.paths.credentials):
+            safepath.remove_tree(path)
+
+    # --- steps --------------------------------------------------------------------------------
+
+    def _sync(self, spec: MachineSpec, source: SourceSpec) -> Checkout:
+        repo = self._open()
+        commit, forced_from = self._fetch(repo, source)
+        if forced_from:
+            log.warning(
+                "%s: %s was force-pushed from %s to %s (following the remote)",
+                self.paths.name, source.ref.describe(), forced_from, commit,
+            )  # fmt: skip
+        if source.verify is not None:
+            signature, payload = _local(lambda: _commit(repo, commit).gpg_signature)
+            signed = (signature, payload) if signature else None
+            signing.verify_commit(commit, signed, source.verify)
+        tree = self._checkout(repo, commit)
+        layout = load_layout(tree, spec, os_release_id=self._os_release_id(spec.image))
+        return Checkout(
+            commit=commit,
+            ref=source.ref.describe(),
+            tree=tree,
+            layout=layout,
+            forced_from=forced_from,
+        )
+
+    def _open(self) -> pygit2.Repository:
+        path = self.paths.repo
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return pygit2.init_repository(str(path), bare=True)
+        try:
+            return pygit2.Repository(str(path))
+        except pygit2.GitError as exc:
+            raise CorruptRepository(f"the local repository is unreadable: {exc}") from exc
+
+    def _check_allowed(self, url: str) -> None:
+        """file:// only under the configured roots: a tenant must not read the host's repos."""
+        if not url.startswith("file:"):
+            return
+        wanted = Path(os.path.realpath(unquote(urlsplit(url).path)))
+        for root in self.config.file_source_roots:
+            real = Path(os.path.realpath(root))
+            if wanted == real or real in wanted.parents:
+                return
+        raise SourceNotAllowed(f"{url}: file:// sources are allowed only under the shim's roots")
+
+    def _fetch(self, repo: pygit2.Repository, source: SourceSpec) -> tuple[str, str | None]:
+        """Fetch what the ref needs (nothing if the local ref is current): (commit, forced_from)."""
+        ref = source.ref
+        if ref.commit:
+            if not _has_commit(repo, ref.commit):
+                self._remote(repo, source, lambda r, cb: r.fetch(ALL_REFS, callbacks=cb))
+                if not _has_commit(repo, ref.commit):
+                    raise RefNotFound(
+                        f"commit {ref.commit} is not reachable from any branch or tag of the remote"
+                    )
+            return ref.commit, None
+        local_name = _local_ref(ref)
+        before = _target(repo, local_name)
+        direct, _ = self._advertised(repo, source)
+        if before is None or before[0] != direct or not _has_object(repo, direct):
+            refspec = f"+{_remote_ref(ref)}:{local_name}"
+            self._remote(repo, source, lambda r, cb: r.fetch([refspec], callbacks=cb))
+        after = _target(repo, local_name)
+        if after is None:
+            raise RefNotFound(f"{ref.kind} {ref.value!r} was not fetched from the remote")
+        commit = after[1]
+        old = before[1] if before else None
+        forced = old if old and old != commit and not _descends(repo, commit, old) else None
+        return commit, forced
+
+    def _advertised(self, repo: pygit2.Repository, source: SourceSpec) -> tuple[str, str | None]:
+        """(the ref's oid, its peeled commit if advertised) from the remote's ref list."""
+        heads = self._remote(repo, source, lambda r, cb: r.list_heads(callbacks=cb))
+        name = _remote_ref(source.ref)
+        found = {h.name: str(h.oid) for h in heads}
+        if name not in found:
+            raise RefNotFound(f"{source.ref.kind} {source.ref.value!r} not found on the remote")
+        return found[name], found.get(name + "^{}")
+
+    def _remote(
+        self,
+        repo: pygit2.Repository,
+        source: SourceSpec,
+        op: Callable[[pygit2.Remote, credentials.Callbacks], T],
+    ) -> T:
+        """Run one network operation with the spec's credentials; errors become SourceErrors."""
+        creds = source.credentials
+        home = credentials.write_credentials(self.paths, creds)
+        callbacks = credentials.Callbacks(creds, credentials.ssh_user(source.url, creds))
+        ssh = credentials.is_ssh(source.url)
+        try:
+            remote = repo.remotes.create_anonymous(source.url)
+            with credentials.libgit2_home(home) if ssh else nullcontext():
+                return op(remote, callbacks)
+        except SourceError:
+            raise
+        except (pygit2.GitError, OSError, ValueError, KeyError) as exc:
+            raise _classify(str(exc), source) from None
+
+    def _checkout(self, repo: pygit2.Repository, commit: str) -> Path:
+        """revisions/<commit>, written once through a temp dir and a rename."""
+        dest = self.paths.revision(commit)
+        if dest.is_dir() and not dest.is_symlink():
+            return dest
+        self.paths.revisions.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{commit[:12]}-", dir=self.paths.revisions))
+        try:
+            _local(lambda: checkout.write_tree(repo, _commit(repo, commit).tree, tmp / "t"))
+            os.rename(tmp / "t", dest)
+        finally:
+            safepath.remove_tree(tmp)
+        return dest
+
+    def _os_release_id(self, image: str) -> str | None:
+        """The image's os-release ID, read without following its symlinks; None if unknown."""
+        rootfs = ImagePaths(self.config, image).rootfs
+        for rel in _OS_RELEASE:
+            try:
+                text = safepath.read_bytes(rootfs, rel, 1 << 16).decode("utf-8", "replace")
+            except OSError:
+                continue
+            return os_release_value(text, "ID")
+        return None
+
+
+def _remote_ref(ref: GitRef) -> str:
+    return f"refs/heads/{ref.branch}" if ref.branch else f"refs/tags/{ref.tag}"
+
+
+def _local_ref(ref: GitRef) -> str:
+    return ORIGIN_BRANCH + ref.branch if ref.branch else f"refs/tags/{ref.tag}"
+
+
+def _local(fn: Callable[[], T]) -> T:
+    """Run a read of local objects; libgit2 failing to read them means corruption."""
+    try:
+        return fn()
+    except (pygit2.GitError, KeyError) as exc:
+        raise CorruptRepository(f"the local repository is damaged: {exc}") from exc
+
+
+def _target(repo: pygit2.Repository, name: str) -> tuple[str, str] | None:
+    """(the ref's direct target, the commit it peels to), or None without the ref."""
+    ref = repo.references.get(name)
+    if ref is None:
+        return None
+    return str(ref.target), _local(lambda: str(ref.peel(pygit2.Commit).id))
+
+
+def _commit(repo: pygit2.Repository, sha: str) -> pygit2.Commit:
+    obj = repo.get(sha)
+    if not isinstance(obj, pygit2.Commit):
+        raise KeyError(f"{sha} is not a commit in the local repository")
+    return obj
+
+
+def _has_object(repo: pygit2.Repository, oid: str) -> bool:
+    return oid in repo
+
+
+def _has_commit(repo: pygit2.Repository, sha: str) -> bool:
+    obj = _local(lambda: repo.get(sha))
+    return isinstance(obj, pygit2.Commit)
+
+
+def _descends(repo: pygit2.Repository, new: str, old: str) -> bool:
+    try:
+        return bool(repo.descendant_of(new, old))
+    except (pygit2.GitError, KeyError):
+        return False
+
+
+def _classify(message: str, source: SourceSpec) -> SourceError:
+    """A libgit2 failure as the SourceError it means; secrets scrubbed from the message."""
+    creds = source.credentials
+    for secret in (creds.password, creds.ssh_private_key) if creds else ():
+        if secret is not None and secret.get_secret_value():
+            message = message.replace(secret.get_secret_value(), "***")
+    low = message.lower()
+    url = source.url
+    if any(h in low for h in _HOSTKEY_HINTS):
+        return credentials.AuthenticationFailed(
+            f"{url}: the server's host key is not in sshKnownHosts (host key checking is always on)"
+        )
+    if any(h in low for h in _AUTH_HINTS):
+        return credentials.AuthenticationFailed(f"{url}: authentication failed ({message})")
+    if any(h in low for h in _CORRUPT_HINTS):
+        return CorruptRepository(f"{url}: corrupt objects ({message})")
+    return SourceError(f"{url}: unreachable ({message})", reason="SourceUnreachable")
