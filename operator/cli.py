@@ -10,11 +10,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from bitbuilder.operator import crd
+from bitbuilder.operator import crd, get, standalone
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
-COMMANDS: tuple[Registrar, ...] = (crd.register,)
+COMMANDS: tuple[Registrar, ...] = (crd.register, standalone.register, get.register)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,130 @@
+"""Reading Tenant manifests from a fleet folder or git repo."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bitbuilder.operator.fleet import FleetError, FolderFleet, GitFleet, open_fleet, read_fleet
+from tests.operator_core.conftest import tenant_object
+
+
+def write(path: Path, *docs: object) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump_all(docs))
+
+
+def test_plain_folder_multi_doc_and_other_kinds(tmp_path: Path) -> None:
+    namespace = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}}
+    write(tmp_path / "a.yaml", tenant_object("a"), namespace, tenant_object("b"))
+    write(tmp_path / "sub" / "c.yml", tenant_object("c"))
+    write(tmp_path / ".hidden" / "d.yaml", tenant_object("d"))
+    (tmp_path / "notes.txt").write_text("kind: Tenant")
+    snap = read_fleet(tmp_path, "r1")
+    assert sorted(snap.tenants) == ["a", "b", "c"]
+    assert snap.problems == []
+
+
+def test_bad_manifest_is_reported_and_others_kept(tmp_path: Path) -> None:
+    bad = tenant_object("broken", resources={"cpu": "lots"})
+    write(tmp_path / "t.yaml", tenant_object("good"), bad, tenant_object("good"))
+    (tmp_path / "junk.yaml").write_text("kind: [unclosed")
+    snap = read_fleet(tmp_path, "r1")
+    assert list(snap.tenants) == ["good"]
+    messages = [str(p) for p in snap.problems]
+    assert any("t.yaml (document 2) (tenant 'broken')" in m and "cpu" in m for m in messages)
+    assert any("duplicate" in m for m in messages)
+    assert any(m.startswith("junk.yaml") and "YAML" in m for m in messages)
+    assert snap.broken_names == {"broken", "good"}
+
+
+def test_status_in_a_manifest_is_ignored(tmp_path: Path) -> None:
+    obj = tenant_object("a")
+    obj["status"] = {"phase": "Running", "bogus": 1}
+    write(tmp_path / "a.yaml", obj)
+    snap = read_fleet(tmp_path, "r1")
+    assert snap.tenants["a"].status is None
+
+
+def test_kustomization_resources(tmp_path: Path) -> None:
+    write(tmp_path / "tenants" / "a.yaml", tenant_object("a"))
+    write(tmp_path / "tenants" / "b.yaml", tenant_object("b"))
+    write(tmp_path / "tenants" / "unlisted.yaml", tenant_object("unlisted"))
+    write(tmp_path / "more" / "c.yaml", tenant_object("c"))
+    write(tmp_path / "more" / "kustomization.yaml", {"resources": ["c.yaml"]})
+    write(
+        tmp_path / "kustomization.yaml",
+        {
+            "resources": [
+                "tenants/a.yaml",
+                "tenants/b.yaml",
+                "more",
+                "missing.yaml",
+                "../x.yaml",
+                "https://h/x",
+            ]
+        },
+    )
+    snap = read_fleet(tmp_path, "r1")
+    assert sorted(snap.tenants) == ["a", "b", "c"]
+    assert len(snap.problems) == 3
+
+
+def test_missing_folder_is_a_fleet_error(tmp_path: Path) -> None:
+    with pytest.raises(FleetError):
+        FolderFleet(tmp_path / "nope").snapshot()
+
+
+def test_folder_revision_follows_content(tmp_path: Path) -> None:
+    fleet = FolderFleet(tmp_path)
+    write(tmp_path / "a.yaml", tenant_object("a"))
+    first = fleet.head()
+    assert fleet.head() == first
+    write(tmp_path / "a.yaml", tenant_object("a", suspend=True))
+    assert fleet.head() != first
+
+
+def git(cwd: Path, *args: str) -> str:
+    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+           "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin", "HOME": str(cwd)}  # fmt: skip
+    return subprocess.run(
+        ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+def test_git_fleet_follows_the_branch(tmp_path: Path) -> None:
+    repo = tmp_path / "fleet"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    write(repo / "tenants" / "a.yaml", tenant_object("a"))
+    (repo / "tenants" / "link.yaml").symlink_to("/etc/passwd")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "one")
+    fleet = open_fleet(f"file://{repo}", tmp_path / "work", "main", "tenants")
+    assert isinstance(fleet, GitFleet)
+    first = fleet.snapshot()
+    assert first.revision == git(repo, "rev-parse", "HEAD")
+    assert list(first.tenants) == ["a"]
+    assert not (tmp_path / "work" / "trees" / first.revision / "tenants" / "link.yaml").exists()
+    write(repo / "tenants" / "b.yaml", tenant_object("b"))
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "two")
+    second = fleet.snapshot()
+    assert sorted(second.tenants) == ["a", "b"]
+    assert [p.name for p in (tmp_path / "work" / "trees").iterdir()] == [second.revision]
+
+
+def test_git_fleet_errors(tmp_path: Path) -> None:
+    with pytest.raises(FleetError):
+        GitFleet(f"file://{tmp_path}/missing.git", "main", tmp_path / "w").snapshot()
+    repo = tmp_path / "r"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    (repo / "x").write_text("x")
+    git(repo, "add", ".")
+    git(repo, "commit", "-qm", "x")
+    with pytest.raises(FleetError, match="no branch 'prod'"):
+        GitFleet(f"file://{repo}", "prod", tmp_path / "w2").snapshot()

@@ -1,0 +1,196 @@
+"""The standalone driver against an in-memory shim: fleet changes, removal, ownership, triggers."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import yaml
+
+from bitbuilder.hostshim.api import MachineSpec
+from bitbuilder.operator.fleet import FolderFleet
+from bitbuilder.operator.get import render
+from bitbuilder.operator.localstate import LocalState, utcnow
+from bitbuilder.operator.reconcile import Node
+from bitbuilder.operator.shimclient import ShimClient
+from bitbuilder.operator.standalone import Standalone, same_repo
+from bitbuilder.operator.translate import FileSecrets
+from tests.helpers.fakeshim import FakeShim, running_fake_shim
+from tests.operator_core.conftest import SHA_A, SHA_B, tenant_object
+
+
+async def until(check: Callable[[], object], what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+def write_tenant(fleet: Path, name: str, **spec: object) -> None:
+    (fleet / f"{name}.yaml").write_text(yaml.safe_dump(tenant_object(name, **spec)))
+
+
+@asynccontextmanager
+async def driver(tmp_path: Path) -> AsyncIterator[tuple[Standalone, FakeShim, LocalState]]:
+    fleet_dir = tmp_path / "fleet"
+    fleet_dir.mkdir(exist_ok=True)
+    state = LocalState(tmp_path / "state")
+    async with (
+        running_fake_shim(tmp_path / "shim.sock") as fake,
+        ShimClient(fake.socket, timeout=5) as shim,
+    ):
+        d = Standalone(FolderFleet(fleet_dir), shim, FileSecrets(None), Node("n1"), state, 3600)
+        stop = asyncio.Event()
+        task = asyncio.create_task(d.run(stop))
+        try:
+            yield d, fake, state
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+
+
+def phase(state: LocalState, name: str) -> str | None:
+    record = state.load(name)
+    return None if record is None or record.status is None else record.status.phase
+
+
+def observed(state: LocalState, name: str) -> int | None:
+    record = state.load(name)
+    return None if record is None or record.status is None else record.status.observed_generation
+
+
+def run(body: Callable[[], Coroutine[object, object, None]]) -> None:
+    asyncio.run(body())
+
+
+def test_fleet_lifecycle(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    write_tenant(fleet, "a")
+    write_tenant(fleet, "b")
+
+    async def body() -> None:
+        async with driver(tmp_path) as (d, fake, state):
+            fake.heads.update(a=SHA_A, b=SHA_A)
+            await until(lambda: phase(state, "a") == phase(state, "b") == "Running", "both running")
+            table = render(state, "table", utcnow())
+            assert table.split("\n")[0].split() == [
+                "NAME",
+                "RUNTIME",
+                "PHASE",
+                "REVISION",
+                "NODE",
+                "READY",
+                "AGE",
+            ]
+            assert table.split("\n")[1].split()[:6] == [
+                "a",
+                "nspawn",
+                "Running",
+                SHA_A[:7],
+                "n1",
+                "True",
+            ]
+
+            # a spec change: new generation, reconciled at once
+            write_tenant(fleet, "a", resources={"memory": "64Mi"})
+            await d.refresh_fleet()
+            await until(lambda: fake.specs["a"].resources.memory_bytes == 64 * 2**20, "new spec")
+            record = state.load("a")
+            assert record is not None and record.generation == 2
+            await until(lambda: observed(state, "a") == 2, "generation 2 observed")
+
+            # a trigger: the new commit is picked up without waiting for the interval
+            fake.heads["b"] = SHA_B
+            assert d.trigger_url("https://git.example/web") == ["a", "b"]
+            await until(lambda: fake.machines["b"].applied_revision == SHA_B, "b at SHA_B")
+
+            # removal from the fleet removes the machine and forgets it
+            (fleet / "b.yaml").unlink()
+            await d.refresh_fleet()
+            await until(lambda: "b" not in fake.machines and state.load("b") is None, "b removed")
+            assert "a" in fake.machines
+
+    run(body)
+
+
+def test_broken_manifest_keeps_others_and_its_own_machine(tmp_path: Path) -> None:
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    write_tenant(fleet, "a")
+    write_tenant(fleet, "b")
+
+    async def body() -> None:
+        async with driver(tmp_path) as (d, fake, state):
+            fake.heads.update(a=SHA_A, b=SHA_A)
+            await until(lambda: phase(state, "a") == phase(state, "b") == "Running", "both running")
+            write_tenant(fleet, "b", resources={"cpu": "lots"})
+            snapshot = await d.refresh_fleet()
+            assert snapshot is not None and [p.name for p in snapshot.problems] == ["b"]
+            fleet_record = state.load_fleet()
+            assert fleet_record is not None and "cpu" in fleet_record.problems[0]
+            assert "b" in fake.machines and state.load("b") is not None
+            assert d.trigger(["a"]) == ["a"]
+
+    run(body)
+
+
+def test_only_machines_it_created_are_removed(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with driver(tmp_path) as (d, fake, state):
+            foreign = MachineSpec(name="foreign", image="base")
+            fake.specs["foreign"] = foreign
+            fake.machines["foreign"] = fake.status_for(foreign)
+            write_tenant(tmp_path / "fleet", "a")
+            fake.heads["a"] = SHA_A
+            await d.refresh_fleet()
+            await until(lambda: phase(state, "a") == "Running", "a running")
+            (tmp_path / "fleet" / "a.yaml").unlink()
+            await d.refresh_fleet()
+            await until(lambda: "a" not in fake.machines, "a removed")
+            assert "foreign" in fake.machines
+            assert ("DELETE", "foreign") not in fake.requests
+
+    run(body)
+
+
+def test_state_survives_a_restart_and_removal_happens_after_it(tmp_path: Path) -> None:
+    (tmp_path / "fleet").mkdir()
+    write_tenant(tmp_path / "fleet", "a")
+
+    async def body() -> None:
+        async with driver(tmp_path) as (_, fake, state):
+            fake.heads["a"] = SHA_A
+            await until(lambda: phase(state, "a") == "Running", "a running")
+        (tmp_path / "fleet" / "a.yaml").unlink()
+        async with driver(tmp_path) as (_, fake, state):
+            # a fresh (empty) fake shim: removal of a machine that is already gone is fine too
+            await until(lambda: state.load("a") is None, "a forgotten")
+
+    run(body)
+
+
+def test_tenant_of_another_node_is_left_alone(tmp_path: Path) -> None:
+    (tmp_path / "fleet").mkdir()
+    write_tenant(tmp_path / "fleet", "a", nodeName="elsewhere")
+    write_tenant(tmp_path / "fleet", "b")
+
+    async def body() -> None:
+        async with driver(tmp_path) as (_, fake, state):
+            fake.heads.update(a=SHA_A, b=SHA_A)
+            await until(lambda: phase(state, "b") == "Running", "b running")
+            assert "a" not in fake.machines and state.load("a") is None
+            assert ("PUT", "a") not in fake.requests and ("DELETE", "a") not in fake.requests
+
+    run(body)
+
+
+def test_same_repo_spellings() -> None:
+    assert same_repo("https://github.com/o/r.git", "https://github.com/O/r/")
+    assert same_repo("git@github.com:o/r.git", "ssh://git@github.com/o/r")
+    assert same_repo("git://127.0.0.1:9418/r.git", "git://127.0.0.1:9418/r")
+    assert not same_repo("https://github.com/o/r", "https://github.com/o/r2")
