@@ -1,0 +1,203 @@
+"""A machine's network link: a veth pair from the host to the machine's own namespace.
+
+nspawn creates the machine's network namespace (inside its user namespace) and moves the
+runner's veth peer into it; the runner names, addresses and raises it from outside, so the
+machine needs no DHCP client. Each link gets a /30 from the host-local pool: the host side is
+.1, the machine .2. An nftables table per link drops everything the machine sends to the host
+(except replies, and the host's own address on the link when allow_host is set) and every
+packet forwarded from or to the link, so no two tenant links are ever routed together and a
+machine reaches nothing beyond its link. (Root inside the machine may re-address its end;
+the filter keys on the interface, not the address, so that gains it nothing.)
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import ipaddress
+import json
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bitbuilder.hostshim.errors import MachineError
+
+DEFAULT_POOL = ipaddress.IPv4Network("10.250.0.0/16")
+# The pool is shared by every shim on the host (tests run several), so allocation is locked
+# host-wide and checked against the addresses actually configured.
+POOL_LOCK = Path("/run/lock/bitbuilder-netpool.lock")
+RESERVATIONS = Path("/run/lock/bitbuilder-netpool.d")
+MACHINE_IFNAME = "host0"
+
+
+def _run(argv: list[str], what: str) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise MachineError(f"{what}: {result.stderr.strip()[:300]}", reason="NetworkFailed")
+    return result.stdout
+
+
+def _quiet(argv: list[str]) -> None:
+    subprocess.run(argv, capture_output=True)
+
+
+@dataclass(frozen=True)
+class Link:
+    """One machine's link as created; stored in the run record."""
+
+    host_ifname: str
+    machine_ifname: str  # the peer nspawn moves into the machine (renamed host0 there)
+    host_address: str  # "10.250.0.1/30"
+    machine_address: str  # "10.250.0.2/30"
+
+    @property
+    def address(self) -> str:
+        return self.machine_address.split("/")[0]
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "hostIfname": self.host_ifname,
+            "machineIfname": self.machine_ifname,
+            "hostAddress": self.host_address,
+            "machineAddress": self.machine_address,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, str]) -> Link:
+        return cls(
+            host_ifname=data["hostIfname"],
+            machine_ifname=data["machineIfname"],
+            host_address=data["hostAddress"],
+            machine_address=data["machineAddress"],
+        )
+
+
+def _table(ifname: str) -> str:
+    return f"bitbuilder_{ifname}"
+
+
+def link_name(scope: str, name: str) -> str:
+    """A host interface name (<= 15 chars) unique per shim scope and machine."""
+    return "bb" + hashlib.sha256(f"{scope}/{name}".encode()).hexdigest()[:11]
+
+
+@contextmanager
+def _pool_lock() -> Iterator[None]:
+    POOL_LOCK.parent.mkdir(parents=True, exist_ok=True)
+    with POOL_LOCK.open("a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _used_networks() -> set[ipaddress.IPv4Network]:
+    entries = json.loads(_run(["ip", "-j", "-4", "addr", "show"], "cannot list addresses"))
+    used = set()
+    for entry in entries:
+        for info in entry.get("addr_info", []):
+            used.add(ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}").network)
+    return used
+
+
+def _reserved_networks() -> set[ipaddress.IPv4Network]:
+    if not RESERVATIONS.is_dir():
+        return set()
+    tables = _run(["nft", "list", "tables"], "cannot list nftables tables").split()
+    reserved = set()
+    for entry in RESERVATIONS.iterdir():
+        if _table(entry.read_text().strip()) in tables:
+            reserved.add(ipaddress.IPv4Network(f"{entry.name}/30"))
+        else:
+            entry.unlink(missing_ok=True)
+    return reserved
+
+
+def _free_subnet(pool: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
+    used = _used_networks() | _reserved_networks()
+    for subnet in pool.subnets(new_prefix=30):
+        if not any(subnet.overlaps(u) for u in used):
+            return subnet
+    raise MachineError(
+        f"no free /30 left in the machine network pool {pool}", reason="NetworkFailed"
+    )
+
+
+def _nft_rules(table: str, ifname: str, host_ip: str, allow_host: bool) -> str:
+    host_rule = f'iifname "{ifname}" ip daddr {host_ip} accept' if allow_host else ""
+    return f"""
+table inet {table} {{
+  chain input {{
+    type filter hook input priority -10; policy accept;
+    iifname "{ifname}" ct state established,related accept
+    {host_rule}
+    iifname "{ifname}" drop
+  }}
+  chain forward {{
+    type filter hook forward priority -10; policy accept;
+    iifname "{ifname}" drop
+    oifname "{ifname}" drop
+  }}
+}}
+"""
+
+
+def prepare_link(
+    scope: str, name: str, allow_host: bool, pool: ipaddress.IPv4Network = DEFAULT_POOL
+) -> Link:
+    """Allocate the link's /30 and install its filter, before nspawn creates the veth pair.
+
+    (nspawn creates the pair itself, `--network-veth-extra`: it refuses to move in a link that
+    udev has not seen, and a namespace made outside its user namespace cannot be joined.)
+    The filter matches the interface by name, so it is in force from the link's first packet.
+    """
+    ifname = link_name(scope, name)
+    teardown_link(scope, name)
+    with _pool_lock():
+        subnet = _free_subnet(pool)
+        host_ip, machine_ip = (str(h) for h in list(subnet.hosts())[:2])
+        link = Link(ifname, MACHINE_IFNAME, f"{host_ip}/30", f"{machine_ip}/30")
+        # The reservation holds the subnet until the host side carries the address; it lives
+        # as long as the link's filter table (a stale one is dropped by the next allocation).
+        RESERVATIONS.mkdir(parents=True, exist_ok=True)
+        (RESERVATIONS / str(subnet.network_address)).write_text(ifname)
+        rules = _nft_rules(_table(ifname), ifname, host_ip, allow_host)
+        result = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    if result.returncode != 0:
+        teardown_link(scope, name)
+        raise MachineError(
+            f"cannot install the link filter: {result.stderr.strip()[:300]}",
+            reason="NetworkFailed",
+        )
+    return link
+
+
+def configure_link(link: Link, leader_pid: int) -> None:
+    """Address and raise both ends once the machine runs (its end from outside, via nsenter)."""
+
+    def run(argv: list[str]) -> None:
+        _run(argv, f"cannot configure the machine's link ({' '.join(argv)})")
+
+    def inside(*argv: str) -> None:
+        run(["nsenter", "-t", str(leader_pid), "--net", *argv])
+
+    _quiet(["sysctl", "-q", "-w", f"net.ipv6.conf.{link.host_ifname}.disable_ipv6=1"])
+    run(["ip", "addr", "add", link.host_address, "dev", link.host_ifname])
+    run(["ip", "link", "set", link.host_ifname, "up"])
+    inside("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
+    inside("ip", "link", "set", "lo", "up")
+    inside("ip", "addr", "add", link.machine_address, "dev", link.machine_ifname)
+    inside("ip", "link", "set", link.machine_ifname, "up")
+
+
+def teardown_link(scope: str, name: str) -> None:
+    """Remove the filter and the host side of the link (the peer goes with it); missing is fine.
+
+    Everything is derived from the names, so this works without the run record too."""
+    ifname = link_name(scope, name)
+    _quiet(["nft", "delete", "table", "inet", _table(ifname)])
+    _quiet(["ip", "link", "del", ifname])
+    if RESERVATIONS.is_dir():
+        for entry in RESERVATIONS.iterdir():
+            if entry.read_text().strip() == ifname:
+                entry.unlink(missing_ok=True)

@@ -1,0 +1,295 @@
+"""Start, stop, inspect and re-adopt machines: the image, the tenant's layers, the network and
+the executor put together.
+
+A machine's root is an overlay the runner mounts under its run dir: the image rootfs as the
+read-only lower layer, the tenant's writable layer (kept across restarts) under its data dir.
+The revision's confext trees (and, for systemd images, the repo's units) are layered read-only
+over /etc and its sysext trees over /usr by nspawn itself. Every host-side thing a run creates
+(mounts, namespace, link, filter, cgroups) is derived from the tenant name, so stop can remove
+it even after a crash that lost the run record.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bitbuilder.hostshim.api import MachineSpec, NetworkMode, Runtime
+from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.executor import Executor, shim_scope
+from bitbuilder.hostshim.images import ImageStore
+from bitbuilder.hostshim.layout import Layout
+from bitbuilder.hostshim.network import Link, configure_link, prepare_link, teardown_link
+from bitbuilder.hostshim.paths import TenantPaths
+from bitbuilder.hostshim.runtime.nspawn import (
+    InitKind,
+    NspawnMachine,
+    check_path,
+    detect_init,
+    nspawn_argv,
+)
+from bitbuilder.hostshim.source import Checkout
+
+RECORD = "machine.json"
+CONSOLE_LOG = "console.log"
+LEADER_DEADLINE = 30.0
+STOP_TIMEOUT = 20.0
+_TARGET = re.compile(r"^[A-Za-z0-9_.@-]{1,240}\.target$")
+
+
+@dataclass(frozen=True)
+class RunningMachine:
+    name: str
+    leader_pid: int  # the machine's init (PID 1 inside), as the host sees it
+    started_at: datetime
+    address: str | None
+    revision: str | None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def find_leader(nspawn_pid: int) -> int | None:
+    """The child of nspawn in another pid namespace that has exec'd the machine's init.
+
+    (nspawn renames its helper processes, so only the executable tells init apart.)"""
+    try:
+        own_ns = os.readlink(f"/proc/{nspawn_pid}/ns/pid")
+        own_exe = os.readlink(f"/proc/{nspawn_pid}/exe")
+        for child in _children(nspawn_pid):
+            if os.readlink(f"/proc/{child}/ns/pid") == own_ns:
+                continue
+            if os.readlink(f"/proc/{child}/exe") != own_exe:
+                return child
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def _poll(probe: Callable[[], int | None], timeout: float) -> int | None:
+    """Probe until it answers (a start takes tens of ms; nothing to block on but /proc)."""
+    deadline = time.monotonic() + timeout
+    while (found := probe()) is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return found
+
+
+def _umount(path: Path) -> None:
+    if not os.path.ismount(path):
+        return
+    result = subprocess.run(["umount", str(path)], capture_output=True, text=True)
+    if result.returncode != 0:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _wanted_by(unit: Path) -> list[str]:
+    """The targets a unit's [Install] section names in WantedBy= (checked names only)."""
+    targets: list[str] = []
+    section = ""
+    for line in unit.read_text(errors="replace").splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Install]" and line.startswith("WantedBy="):
+            targets += [t for t in line.split("=", 1)[1].split() if _TARGET.fullmatch(t)]
+    return targets
+
+
+def build_units_layer(dest: Path, units: dict[str, Path]) -> Path:
+    """An etc/ tree with the repo's units in systemd/system and their WantedBy= links."""
+    system = dest / "etc/systemd/system"
+    system.mkdir(parents=True)
+    for unit_name, source in sorted(units.items()):
+        st = os.lstat(source)
+        if not stat.S_ISREG(st.st_mode) or "/" in unit_name or unit_name.startswith("."):
+            raise MachineError(f"unit {unit_name!r} is not a regular file", reason="InvalidUnit")
+        shutil.copyfile(source, system / unit_name, follow_symlinks=False)
+        for target in _wanted_by(system / unit_name):
+            wants = system / f"{target}.wants"
+            wants.mkdir(exist_ok=True)
+            (wants / unit_name).symlink_to(f"../{unit_name}")
+    return dest / "etc"
+
+
+class Runner:
+    def __init__(self, config: ShimConfig, images: ImageStore, executor: Executor) -> None:
+        self.config = config
+        self.images = images
+        self.executor = executor
+        self.scope = shim_scope(config)
+
+    # --- start -----------------------------------------------------------------------------
+
+    def start(self, spec: MachineSpec, checkout: Checkout | None) -> RunningMachine:
+        if spec.runtime is not Runtime.nspawn:
+            raise MachineError(f"runtime {spec.runtime} is not supported", reason="Unsupported")
+        if spec.network.ports:
+            raise MachineError(
+                "port forwards are not implemented by this shim yet",
+                reason="PortForwardsUnsupported",
+            )
+        paths = TenantPaths(self.config, spec.name)
+        if self.executor.pid(spec.name) is not None:
+            raise MachineError(f"machine {spec.name!r} is already running", reason="AlreadyRunning")
+        rootfs = self.images.rootfs(spec.image)
+        self.stop(spec.name)  # leftovers of a crashed run
+        paths.run.mkdir(parents=True, exist_ok=True)
+        try:
+            return self._start(spec, checkout, paths, rootfs)
+        except BaseException:
+            self.stop(spec.name)
+            raise
+
+    def _start(
+        self, spec: MachineSpec, checkout: Checkout | None, paths: TenantPaths, rootfs: Path
+    ) -> RunningMachine:
+        init = detect_init(rootfs)
+        root = self._mount_root(paths, rootfs)
+        layout = checkout.layout if checkout is not None else None
+        etc_layers, usr_layers = self._layers(paths, layout, init)
+        link = None
+        if spec.network.mode is NetworkMode.isolated:
+            link = prepare_link(self.scope, spec.name, spec.network.allow_host)
+        started_at = datetime.now(UTC)
+        revision = checkout.revision if checkout is not None else None
+        self._write_record(paths, link, started_at, revision)
+        settings = layout.settings if layout is not None else None
+        machine = NspawnMachine(
+            name=spec.name,
+            root=root,
+            veth=(link.host_ifname, link.machine_ifname) if link else None,
+            init=init,
+            etc_layers=etc_layers,
+            usr_layers=usr_layers,
+            hostname=settings.hostname if settings and "hostname" in spec.repo_settings else None,
+            environment=dict(settings.environment)
+            if settings and "environment" in spec.repo_settings
+            else {},
+        )
+        pid = self.executor.launch(
+            spec.name, nspawn_argv(machine), spec.resources, paths.run / CONSOLE_LOG
+        )
+        leader = self._await_leader(spec.name, pid, paths)
+        if link is not None:
+            configure_link(link, leader)
+        address = link.address if link else None
+        return RunningMachine(spec.name, leader, started_at, address, revision)
+
+    def _mount_root(self, paths: TenantPaths, rootfs: Path) -> Path:
+        upper, work, root = paths.data / "upper", paths.data / "work", paths.run / "root"
+        for d in (upper, work, root):
+            d.mkdir(parents=True, exist_ok=True)
+        # metacopy: nspawn's one-time chown into the picked uid range copies metadata only.
+        options = ",".join(
+            [f"lowerdir={check_path(rootfs)}", f"upperdir={check_path(upper)}",
+             f"workdir={check_path(work)}", "metacopy=on", "redirect_dir=on"]
+        )  # fmt: skip
+        result = subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(root)],
+            capture_output=True,
+            text=True,
+        )
+        if result.returncode != 0:
+            raise MachineError(f"cannot mount the machine's root: {result.stderr.strip()}")
+        return root
+
+    def _layers(
+        self, paths: TenantPaths, layout: Layout | None, init: InitKind
+    ) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
+        if layout is None:
+            return (), ()
+        etc = [layout.confext[n] / "etc" for n in sorted(layout.confext)]
+        usr = [layout.sysext[n] / "usr" for n in sorted(layout.sysext)]
+        if layout.units and init is InitKind.systemd:
+            etc.insert(0, build_units_layer(paths.run / "units", layout.units))
+        return tuple(etc), tuple(usr)
+
+    def _await_leader(self, name: str, pid: int, paths: TenantPaths) -> int:
+        def leader() -> int | None:
+            if self.executor.pid(name) is None:
+                log = (paths.run / CONSOLE_LOG).read_text(errors="replace")[-2000:]
+                raise MachineError(f"machine {name!r} exited while starting: {log.strip()}")
+            return find_leader(pid)
+
+        found = _poll(leader, LEADER_DEADLINE)
+        if found is None:
+            raise MachineError(f"machine {name!r} did not start within {LEADER_DEADLINE:.0f}s")
+        return found
+
+    def _write_record(
+        self, paths: TenantPaths, link: Link | None, started_at: datetime, revision: str | None
+    ) -> None:
+        record = {
+            "link": link.to_json() if link else None,
+            "startedAt": started_at.isoformat(),
+            "revision": revision,
+        }
+        tmp = paths.run / f"{RECORD}.tmp"
+        tmp.write_text(json.dumps(record))
+        tmp.rename(paths.run / RECORD)
+
+    # --- queries ---------------------------------------------------------------------------
+
+    def inspect(self, name: str) -> RunningMachine | None:
+        pid = self.executor.pid(name)
+        if pid is None:
+            return None
+        try:
+            record = json.loads((TenantPaths(self.config, name).run / RECORD).read_text())
+        except FileNotFoundError:
+            return None
+        link = Link.from_json(record["link"]) if record.get("link") else None
+        return RunningMachine(
+            name=name,
+            leader_pid=find_leader(pid) or pid,
+            started_at=datetime.fromisoformat(record["startedAt"]),
+            address=link.address if link else None,
+            revision=record.get("revision"),
+        )
+
+    def adopt(self) -> dict[str, RunningMachine]:
+        found = {}
+        for name in self.executor.running():
+            machine = self.inspect(name)
+            if machine is not None:
+                found[name] = machine
+        return found
+
+    # --- stop ------------------------------------------------------------------------------
+
+    def stop(self, name: str) -> None:
+        """Power the machine off and remove everything its run created; keeps its data."""
+        paths = TenantPaths(self.config, name)
+        self.executor.terminate(name, STOP_TIMEOUT)
+        teardown_link(self.scope, name)
+        _umount(paths.run / "root")
+        if paths.run.is_dir():
+            for entry in paths.run.iterdir():
+                if entry.name == CONSOLE_LOG:
+                    continue
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
+
+    def remove_data(self, name: str) -> None:
+        if self.executor.pid(name) is not None:
+            raise MachineError(f"machine {name!r} is running: stop it first", reason="Running")
+        paths = TenantPaths(self.config, name)
+        shutil.rmtree(paths.data, ignore_errors=True)
+        shutil.rmtree(paths.run, ignore_errors=True)

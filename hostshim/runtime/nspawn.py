@@ -1,0 +1,151 @@
+"""What a machine needs from systemd-nspawn (252+): the argv, built from checked values only.
+
+Every value that reaches the argv is validated here again (names, hostnames, environment,
+paths), whatever the caller checked before: nothing arrives verbatim from a request or a
+tenant repo. Paths are the shim's own (run dir, image rootfs, revision trees) and must not
+contain the characters nspawn's list syntax gives meaning to.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+
+from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.paths import checked_name
+
+NSPAWN = "systemd-nspawn"
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+_RESERVED_ENV = ("SYSTEMD_", "NOTIFY_SOCKET", "LISTEN_", "container")
+_HOST_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_UNSAFE_PATH = re.compile(r"[\x00-\x1f\x7f:,\\]")
+_IFNAME = re.compile(r"^[a-z0-9]{1,15}$")
+MAX_ENV_VALUE = 4096
+
+
+class InitKind(StrEnum):
+    systemd = "systemd"
+    other = "other"  # busybox init and friends: SIGUSR2 is their poweroff
+
+    @property
+    def kill_signal(self) -> str:
+        return "SIGRTMIN+3" if self is InitKind.systemd else "SIGUSR2"
+
+
+def _lstat_inside(root: Path, rel: str) -> os.stat_result | None:
+    """lstat of root/rel without following any symlink on the way (the image's, not ours)."""
+    current = root
+    parts = rel.split("/")
+    for i, part in enumerate(parts):
+        current = current / part
+        try:
+            st = os.lstat(current)
+        except FileNotFoundError:
+            return None
+        if i < len(parts) - 1 and not stat.S_ISDIR(st.st_mode):
+            return None
+    return st
+
+
+def detect_init(rootfs: Path) -> InitKind:
+    """systemd if the image carries it as its init, else a SysV-style init such as busybox."""
+    for rel in ("usr/lib/systemd/systemd", "lib/systemd/systemd"):
+        st = _lstat_inside(rootfs, rel)
+        if st is not None and stat.S_ISREG(st.st_mode):
+            return InitKind.systemd
+    st = _lstat_inside(rootfs, "sbin/init")
+    if (
+        st is not None
+        and stat.S_ISLNK(st.st_mode)
+        and "systemd" in os.readlink(rootfs / "sbin/init")
+    ):
+        return InitKind.systemd
+    return InitKind.other
+
+
+def check_hostname(value: str) -> str:
+    labels = value.split(".")
+    if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise MachineError(f"invalid hostname {value!r}", reason="InvalidSettings")
+    return value
+
+
+def check_environment(env: dict[str, str]) -> dict[str, str]:
+    for name, value in env.items():
+        if not _ENV_NAME.fullmatch(name) or name.startswith(_RESERVED_ENV):
+            raise MachineError(f"invalid environment name {name!r}", reason="InvalidSettings")
+        if len(value) > MAX_ENV_VALUE or any(ord(c) < 0x20 or c == "\x7f" for c in value):
+            raise MachineError(
+                f"environment value of {name} has control characters or is too long",
+                reason="InvalidSettings",
+            )
+    return env
+
+
+def check_ifname(value: str) -> str:
+    if not _IFNAME.fullmatch(value):
+        raise MachineError(f"invalid interface name {value!r}", reason="InvalidSettings")
+    return value
+
+
+def check_path(path: Path) -> str:
+    text = str(path)
+    if not path.is_absolute() or _UNSAFE_PATH.search(text) or "/../" in f"{text}/":
+        raise MachineError(f"path {text!r} cannot be passed to nspawn", reason="InvalidPath")
+    return text
+
+
+@dataclass(frozen=True)
+class NspawnMachine:
+    name: str
+    root: Path  # the machine's root: an overlay of the image and its writable layer
+    veth: tuple[str, str] | None  # (host, machine) names of the veth pair; None = loopback only
+    init: InitKind
+    etc_layers: tuple[Path, ...] = ()  # each an etc/ tree, lowest first
+    usr_layers: tuple[Path, ...] = ()  # each a usr/ tree, lowest first
+    hostname: str | None = None
+    environment: dict[str, str] = field(default_factory=dict)
+
+
+def _overlay(layers: tuple[Path, ...], target: str) -> list[str]:
+    if not layers:
+        return []
+    lowers = ":".join(check_path(p) for p in layers)
+    return [f"--overlay-ro=+{target}:{lowers}:{target}"]
+
+
+def nspawn_argv(machine: NspawnMachine) -> list[str]:
+    """The full command line that boots `machine`."""
+    name = checked_name(machine.name)
+    argv = [
+        NSPAWN,
+        "--quiet",
+        "--register=no",
+        "--keep-unit",
+        "--boot",
+        f"--directory={check_path(machine.root)}",
+        f"--machine={name}",
+        "--private-users=pick",
+        "--private-users-ownership=auto",
+        f"--kill-signal={machine.init.kill_signal}",
+        "--console=read-only",
+        "--link-journal=no",
+        "--resolv-conf=off",
+        "--timezone=off",
+    ]
+    if machine.veth is None:
+        argv.append("--private-network")
+    else:
+        host, inside = (check_ifname(n) for n in machine.veth)
+        argv.append(f"--network-veth-extra={host}:{inside}")
+    if machine.hostname is not None:
+        argv.append(f"--hostname={check_hostname(machine.hostname)}")
+    for key, value in sorted(check_environment(machine.environment).items()):
+        argv.append(f"--setenv={key}={value}")
+    argv += _overlay(machine.etc_layers, "/etc")
+    argv += _overlay(machine.usr_layers, "/usr")
+    return argv
