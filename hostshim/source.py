@@ -39,7 +39,8 @@ _OS_RELEASE = ("usr/lib/os-release", "etc/os-release")
 # Fragments of libgit2 messages, by what they mean.
 _AUTH_HINTS = ("authentication", "401", "403", "credentials", "callback set")
 _CORRUPT_HINTS = ("corrupt", "hash mismatch", "inflate", "decompress", "object not found",
-                  "failed to parse", "packfile", "bad object", "odb", "invalid object")  # fmt: skip
+                  "failed to parse", "packfile", "bad object", "odb", "invalid object",
+                  "loose object", "object header", "zlib")  # fmt: skip
 _HOSTKEY_HINTS = ("certificate", "hostkey", "host key")
 
 
@@ -87,7 +88,11 @@ class GitSource:
         self._check_allowed(spec.url)
         if spec.ref.commit:
             return spec.ref.commit
-        direct, peeled = self._advertised(self._open(), spec)
+        repo = self._open()
+        try:
+            direct, peeled = self._advertised(repo, spec)
+        finally:
+            repo.free()
         return peeled or direct
 
     def sync(self, spec: MachineSpec) -> Checkout:
@@ -125,6 +130,16 @@ class GitSource:
 
     def _sync(self, spec: MachineSpec, source: SourceSpec) -> Checkout:
         repo = self._open()
+        try:
+            return self._sync_repo(repo, spec, source)
+        finally:
+            # libgit2 caches pack files process-wide by path: release them now, or a re-clone
+            # into the same path would read the old (maybe corrupt) packs.
+            repo.free()
+
+    def _sync_repo(
+        self, repo: pygit2.Repository, spec: MachineSpec, source: SourceSpec
+    ) -> Checkout:
         commit, forced_from = self._fetch(repo, source)
         if forced_from:
             log.warning(

@@ -1,0 +1,226 @@
+"""Refs, rollbacks and failures of GitSource.sync on real repositories (file:// and servers)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pygit2
+import pytest
+
+from bitbuilder.hostshim.api import GitCredentials
+from bitbuilder.hostshim.errors import SourceError
+from bitbuilder.hostshim.paths import TenantPaths
+from bitbuilder.hostshim.source import GitSource
+from tests.helpers.gitserve import TenantRepo, closed_port, git, ssh_keygen
+from tests.source.conftest import BASIC_LAYOUT, Remote, make_spec, serve
+
+
+def files_of(tree: Path) -> dict[str, str]:
+    """{path: git blob id} of a checked-out tree, symlinks as links (compare with ls-tree)."""
+    found = {}
+    for dirpath, _dirs, names in os.walk(tree):
+        for name in names:
+            path = Path(dirpath, name)
+            blob = os.readlink(path).encode() if path.is_symlink() else path.read_bytes()
+            found[str(path.relative_to(tree))] = str(pygit2.hash(blob))
+    return found
+
+
+def reason_of(source: GitSource, spec: object) -> SourceError:
+    with pytest.raises(SourceError) as caught:
+        source.sync(spec)  # type: ignore[arg-type]
+    return caught.value
+
+
+@pytest.fixture
+def file_remote(repo: TenantRepo, served: Path) -> Iterator[Remote]:
+    yield from serve("file", repo, served)
+
+
+def test_force_push_to_older_commit_gives_exactly_that_tree(
+    file_remote: Remote, repo: TenantRepo, source: GitSource
+) -> None:
+    old = repo.commit(BASIC_LAYOUT, "old")
+    source.sync(file_remote.spec())
+    repo.commit({"confext/base/etc/extra": "new file\n", "units/more.service": "[Service]\n"})
+    newest = source.sync(file_remote.spec())
+    assert "more.service" in newest.layout.units
+
+    repo.force_push(old)
+    back = source.sync(file_remote.spec())
+    assert back.commit == old
+    assert back.forced_from == newest.commit, "a force-push is followed and reported"
+    assert files_of(back.tree) == repo.tree_files(old)
+    assert set(back.layout.units) == {"hello.service"}
+
+
+def test_revert_brings_back_the_old_tree(
+    file_remote: Remote, repo: TenantRepo, source: GitSource
+) -> None:
+    good = repo.commit(BASIC_LAYOUT, "good")
+    bad = repo.commit({"confext/base/etc/motd": "broken\n", "units/x.timer": "[Timer]\n"})
+    assert source.sync(file_remote.spec()).commit == bad
+    reverted = repo.revert(bad)
+    checkout = source.sync(file_remote.spec())
+    assert checkout.commit == reverted and checkout.forced_from is None
+    assert files_of(checkout.tree) == repo.tree_files(good)
+
+
+def test_pinned_commit_and_tag(file_remote: Remote, repo: TenantRepo, source: GitSource) -> None:
+    first = repo.commit(BASIC_LAYOUT, "first")
+    repo.tag("v1.0", first)
+    repo.tag("light", first, annotated=False)
+    second = repo.commit({"confext/base/etc/motd": "two\n"})
+
+    pinned = source.sync(file_remote.spec(ref={"commit": first}))
+    assert (pinned.commit, pinned.ref) == (first, first)
+    assert (pinned.tree / "confext/base/etc/motd").read_text() == "hello\n"
+
+    for tag in ("v1.0", "light"):
+        tagged = source.sync(file_remote.spec(ref={"tag": tag}))
+        assert tagged.commit == first and tagged.revision == f"{tag}@sha1:{first}"
+        assert source.remote_head(file_remote.spec(ref={"tag": tag}).source) == first  # type: ignore[arg-type]
+
+    repo.tag("v1.0", second)  # a moved tag is followed too
+    assert source.sync(file_remote.spec(ref={"tag": "v1.0"})).commit == second
+
+
+def test_missing_branch_tag_and_unreachable_commit_are_ref_not_found(
+    file_remote: Remote, repo: TenantRepo, source: GitSource
+) -> None:
+    repo.commit(BASIC_LAYOUT)
+    for ref in ({"branch": "nope"}, {"tag": "v9"}, {"commit": "0" * 40}):
+        error = reason_of(source, file_remote.spec(ref=ref))
+        assert error.reason == "RefNotFound", error
+        assert next(iter(ref.values())) in error.message
+
+
+def test_commit_not_reachable_from_remote_refs_is_refused(
+    file_remote: Remote, repo: TenantRepo, source: GitSource
+) -> None:
+    keep = repo.commit(BASIC_LAYOUT)
+    orphan = repo.commit({"confext/base/etc/motd": "dropped\n"})
+    repo.force_push(keep)
+    git("reflog", "expire", "--expire=now", "--all", cwd=repo.bare)
+    git("gc", "-q", "--prune=now", cwd=repo.bare)
+    error = reason_of(source, file_remote.spec(ref={"commit": orphan}))
+    assert error.reason == "RefNotFound" and "not reachable" in error.message
+
+
+def test_closed_port_is_source_unreachable_quickly(source: GitSource) -> None:
+    port = closed_port()
+    for url in (f"git://127.0.0.1:{port}/x.git", f"http://127.0.0.1:{port}/x.git"):
+        error = reason_of(source, make_spec(url))
+        assert error.reason == "SourceUnreachable", error
+        assert url in error.message
+
+
+def test_file_url_outside_allowed_roots_is_refused(
+    source: GitSource, tmp_path: Path, paths: TenantPaths
+) -> None:
+    outside = TenantRepo(tmp_path / "elsewhere")
+    outside.commit(BASIC_LAYOUT)
+    for url in (
+        outside.file_url(),
+        "file:///etc",
+        f"file://{paths.config.state_dir}/../served/../elsewhere/tenant.git",
+    ):
+        error = reason_of(source, make_spec(url))
+        assert error.reason == "SourceNotAllowed", url
+
+
+def test_corrupt_local_objects_are_recovered_by_recloning(
+    file_remote: Remote, repo: TenantRepo, source: GitSource, paths: TenantPaths
+) -> None:
+    first = repo.commit(BASIC_LAYOUT)
+    source.sync(file_remote.spec())
+    for obj in (paths.repo / "objects").rglob("*"):
+        if obj.is_file() and obj.parent.name != "info":
+            obj.chmod(0o644)
+            obj.write_bytes(b"garbage")
+    for rev in paths.revisions.iterdir():
+        shutil.rmtree(rev)
+    checkout = source.sync(file_remote.spec())
+    assert checkout.commit == first
+    assert files_of(checkout.tree) == repo.tree_files(first)
+
+
+def test_corrupt_remote_is_corrupt_repository(
+    file_remote: Remote, repo: TenantRepo, source: GitSource
+) -> None:
+    repo.commit(BASIC_LAYOUT)
+    blob = git("rev-parse", "HEAD:confext/base/etc/motd", cwd=repo.work)
+    loose = repo.bare / "objects" / blob[:2] / blob[2:]
+    loose.chmod(0o644)
+    loose.write_bytes(b"not zlib")
+    error = reason_of(source, file_remote.spec())
+    assert error.reason == "CorruptRepository", error
+
+
+@pytest.fixture
+def ssh_remote(repo: TenantRepo, served: Path) -> Iterator[Remote]:
+    yield from serve("ssh", repo, served)
+
+
+def test_ssh_host_key_is_always_checked(
+    ssh_remote: Remote, repo: TenantRepo, source: GitSource, tmp_path: Path
+) -> None:
+    repo.commit(BASIC_LAYOUT)
+    good = ssh_remote.credentials
+    assert good is not None and good.ssh_known_hosts is not None
+    _, other_host = ssh_keygen(tmp_path / "other_host")
+    host = good.ssh_known_hosts.split()[0]
+    for known in (f"{host} {other_host}", f"[127.0.0.2]:1 {other_host}"):
+        creds = GitCredentials(ssh_private_key=good.ssh_private_key, ssh_known_hosts=known)
+        error = reason_of(source, make_spec(ssh_remote.url, credentials=creds))
+        assert error.reason == "AuthenticationFailed" and "host key" in error.message
+
+
+def test_ssh_unknown_user_key_is_authentication_failed(
+    ssh_remote: Remote, repo: TenantRepo, source: GitSource, tmp_path: Path
+) -> None:
+    repo.commit(BASIC_LAYOUT)
+    assert ssh_remote.credentials is not None
+    stranger, _ = ssh_keygen(tmp_path / "stranger")
+    creds = GitCredentials(
+        ssh_private_key=stranger, ssh_known_hosts=ssh_remote.credentials.ssh_known_hosts
+    )
+    error = reason_of(source, make_spec(ssh_remote.url, credentials=creds))
+    assert error.reason == "AuthenticationFailed"
+    assert "PRIVATE KEY" not in error.message and stranger.split()[-4] not in error.message
+
+
+def test_credential_files_are_private_and_removed(
+    ssh_remote: Remote, repo: TenantRepo, source: GitSource, paths: TenantPaths
+) -> None:
+    commit = repo.commit(BASIC_LAYOUT)
+    assert source.sync(ssh_remote.spec()).commit == commit
+    assert stat.S_IMODE(paths.credentials.stat().st_mode) == 0o700
+    files = [p for p in paths.credentials.rglob("*") if p.is_file()]
+    assert files, "known_hosts is written for libgit2"
+    for path in paths.credentials.rglob("*"):
+        mode = stat.S_IMODE(path.lstat().st_mode)
+        assert mode == (0o700 if path.is_dir() else 0o600), path
+    key = ssh_remote.credentials.ssh_private_key.get_secret_value()  # type: ignore[union-attr]
+    assert all(key not in p.read_text() for p in files), "the private key stays in memory"
+
+    source.remove()
+    assert not paths.repo.exists() and not paths.revisions.exists()
+    assert not paths.credentials.exists()
+
+
+def test_prune_keeps_only_the_given_revisions(
+    file_remote: Remote, repo: TenantRepo, source: GitSource, paths: TenantPaths
+) -> None:
+    first = repo.commit(BASIC_LAYOUT)
+    source.sync(file_remote.spec())
+    second = repo.commit({"confext/base/etc/motd": "2\n"})
+    source.sync(file_remote.spec())
+    (paths.revisions / ".tmp-leftover").mkdir()
+    source.prune({second})
+    assert sorted(p.name for p in paths.revisions.iterdir()) == [second]
+    assert not paths.revision(first).exists()
