@@ -24,7 +24,6 @@ import copy
 import json
 import re
 import secrets
-import threading
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import kmock
 import yaml
 
 from tests.helpers.kube_schema import Obj, ResourceType, admit, table
+from tests.helpers.loop_thread import LoopThread
 
 CORE_TYPES = (
     ResourceType("", "v1", "namespaces", "Namespace", namespaced=False, short_names=("ns",)),
@@ -617,24 +617,18 @@ class EmulatorThread:
 
     def __init__(self, emulator: Emulator) -> None:
         self.emulator = emulator
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self.loop.run_forever, daemon=True, name="kube-emulator"
-        )
+        self.thread = LoopThread("kube-emulator")
         self._server: kmock.Server | None = None
         self.url = ""
 
     def __enter__(self) -> EmulatorThread:
-        self.start()
+        self.thread.start()
+        self.url = self.thread.call(self._start())
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def start(self) -> str:
-        self._thread.start()
-        self.url = self.call(self._start())
-        return self.url
+        self.thread.call(self._stop())
+        self.thread.stop()
 
     async def _start(self) -> str:
         # asyncio primitives bind to the loop that first uses them: build them here.
@@ -644,22 +638,11 @@ class EmulatorThread:
         await self._server.__aenter__()
         return str(self._server.url).rstrip("/")
 
-    def stop(self) -> None:
-        if self._thread.is_alive():
-            self.call(self._stop())
-            self.loop.call_soon_threadsafe(self.loop.stop)
-            self._thread.join(timeout=10)
-        self.loop.close()
-
     async def _stop(self) -> None:
         await self.emulator.close_watches()
         if self._server is not None:
             await self._server.__aexit__(None, None, None)
         await self.emulator.__aexit__(None, None, None)
-
-    def call(self, coro: Any, timeout: float = 30.0) -> Any:
-        """Run a coroutine on the emulator's loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
     def get(self, rtype_key: str, name: str, namespace: str | None = None) -> Obj | None:
         """A stored object, read safely from the test's thread."""
@@ -667,7 +650,7 @@ class EmulatorThread:
         async def read() -> Obj | None:
             return self.emulator.get_object(rtype_key, namespace, name)
 
-        return self.call(read())  # type: ignore[no-any-return]
+        return self.thread.call(read())
 
     def write_kubeconfig(self, path: Path) -> Path:
         """A kubeconfig for kubectl (and the official client) pointing at the emulator."""

@@ -1,0 +1,254 @@
+"""Thin kopf handlers over the reconcile core (reconcile.py).
+
+Every pass goes through `Driver.sync`: one pass at a time per tenant, the status written to our
+own fields on the status subresource (never kopf's per-handler keys: kopf keeps its progress in
+annotations), an Event per transition, and the next pass scheduled. A daemon per tenant sleeps
+until that time (the source interval with jitter, or a backoff while failing) and syncs again;
+create, spec updates, resume and the `bitbuilder.io/reconcile-requested-at` annotation sync at
+once; delete keeps the finalizer until the shim confirms the machine is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import kopf
+from kubernetes import client as k8s
+from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
+
+from bitbuilder.operator.api import (
+    FINALIZER,
+    GROUP,
+    OPERATOR_NAMESPACE,
+    PLURAL,
+    RECONCILE_REQUESTED_ANNOTATION,
+    VERSION,
+    Tenant,
+    TenantPhase,
+    TenantStatus,
+)
+from bitbuilder.operator.reconcile import NO_SOURCE_INTERVAL, Node, finalize, reconcile
+from bitbuilder.operator.shimclient import ShimClient, ShimError
+from bitbuilder.operator.translate import SecretData, SecretNotFound, SecretResolver
+
+KOPF_ANNOTATION_PREFIX = "kopf.bitbuilder.io"
+FINALIZE_RETRY = 3.0
+Login = Callable[..., Any]
+Logger = logging.Logger | logging.LoggerAdapter[Any]
+
+
+class KubeSecrets:
+    """Secrets from the cluster, in the operator's namespace only (SecretResolver)."""
+
+    def __init__(self, api: k8s.ApiClient, namespace: str = OPERATOR_NAMESPACE) -> None:
+        self.core = k8s.CoreV1Api(api)
+        self.namespace = namespace
+
+    async def read(self, name: str) -> SecretData:
+        try:
+            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, self.namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise SecretNotFound(name, f"in namespace {self.namespace}") from None
+            raise
+        return {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
+
+
+class StatusWriter:
+    """Replaces .status whole (a JSON patch `add /status`): fields that became empty go away,
+    which a merge patch would leave behind."""
+
+    def __init__(self, api: k8s.ApiClient) -> None:
+        self.custom = k8s.CustomObjectsApi(api)
+
+    async def write(self, name: str, status: TenantStatus) -> None:
+        value = status.model_dump(mode="json", by_alias=True, exclude_none=True)
+        ops = [{"op": "add", "path": "/status", "value": value}]
+        try:
+            await asyncio.to_thread(
+                self.custom.patch_cluster_custom_object_status,
+                GROUP,
+                VERSION,
+                PLURAL,
+                name,
+                ops,
+                _content_type="application/json-patch+json",
+            )
+        except ApiException as exc:
+            if exc.status != 404:  # deleted meanwhile: nothing to report on
+                raise
+
+
+@dataclass
+class Schedule:
+    """When a tenant's daemon syncs next; `wake` makes it re-read `due`."""
+
+    wake: asyncio.Event
+    due: float | None = None
+
+
+class Driver:
+    """The state the handlers share: one lock, one schedule and the last status per tenant."""
+
+    def __init__(
+        self,
+        shim: ShimClient,
+        secrets: SecretResolver,
+        status: StatusWriter,
+        node: Node,
+    ) -> None:
+        self.shim, self.secrets, self.status, self.node = shim, secrets, status, node
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.schedules: dict[str, Schedule] = {}
+        self.last: dict[str, TenantStatus] = {}
+
+    def _schedule(self, name: str) -> Schedule:
+        return self.schedules.setdefault(name, Schedule(asyncio.Event()))
+
+    async def sync(self, body: kopf.Body, logger: Logger) -> None:
+        name = body["metadata"]["name"]
+        async with self.locks.setdefault(name, asyncio.Lock()):
+            try:
+                tenant = Tenant.from_object(dict(body))
+            except ValidationError as exc:
+                message = "; ".join(
+                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
+                )
+                kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
+                logger.error(f"invalid Tenant: {message}")
+                return
+            previous = self.last.get(name, tenant.status)
+
+            async def progress(status: TenantStatus) -> None:
+                await self.status.write(name, status)
+
+            result = await reconcile(tenant, self.shim, self.secrets, self.node, previous, progress)
+            if result.status is not None and result.status != previous:
+                await self.status.write(name, result.status)
+            if result.status is not None:
+                self.last[name] = result.status
+            for event in result.events:
+                kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            schedule = self._schedule(name)
+            loop = asyncio.get_running_loop()
+            schedule.due = (
+                None if result.requeue_after is None else loop.time() + result.requeue_after
+            )
+            schedule.wake.set()
+
+    async def poll(self, body: kopf.Body, logger: Logger) -> None:
+        """The per-tenant daemon: sync whenever the schedule says so, until kopf cancels it."""
+        schedule = self._schedule(body["metadata"]["name"])
+        while True:
+            loop = asyncio.get_running_loop()
+            # Until the first handler pass has scheduled us, wait for it (or a long while).
+            delay = NO_SOURCE_INTERVAL if schedule.due is None else schedule.due - loop.time()
+            if delay > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(schedule.wake.wait(), delay)
+                if schedule.wake.is_set():
+                    schedule.wake.clear()
+                    continue
+            await self.sync(body, logger)
+
+    async def remove(self, body: kopf.Body, logger: Logger) -> None:
+        """The finalizer: release it only once the shim says the machine is gone."""
+        name = body["metadata"]["name"]
+        async with self.locks.setdefault(name, asyncio.Lock()):
+            last = self.last.get(name) or TenantStatus.model_validate(body.get("status") or {})
+            if last.phase is not TenantPhase.terminating:
+                terminating = last.model_copy(update={"phase": TenantPhase.terminating})
+                await self.status.write(name, terminating)
+                self.last[name] = terminating
+                kopf.event(
+                    body, type="Normal", reason="Terminating", message="removing the machine"
+                )
+            try:
+                gone = await finalize(Tenant.from_object(dict(body)), self.shim)
+            except ShimError as exc:
+                kopf.event(body, type="Warning", reason="ShimUnavailable", message=str(exc))
+                raise kopf.TemporaryError(
+                    f"cannot remove the machine: {exc}", delay=FINALIZE_RETRY
+                ) from exc
+            if not gone:
+                raise kopf.TemporaryError(
+                    "the machine is still being removed", delay=FINALIZE_RETRY
+                )
+            kopf.event(
+                body, type="Normal", reason="MachineRemoved", message="machine stopped and removed"
+            )
+            logger.info("machine removed; releasing the finalizer")
+        self.locks.pop(name, None)
+        self.schedules.pop(name, None)
+        self.last.pop(name, None)
+
+
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Our finalizer; kopf's bookkeeping in annotations (not in .status, where it would clutter
+    the printer columns); only warnings as kopf's own Events (ours carry the transitions)."""
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(
+        prefix=KOPF_ANNOTATION_PREFIX
+    )
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=KOPF_ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    settings.posting.level = logging.WARNING
+    settings.peering.standalone = True
+
+
+def build_registry(driver: Driver, login: Login = kopf.login_via_client) -> kopf.OperatorRegistry:
+    """The handlers, registered on a registry of their own (so tests can run several)."""
+    registry = kopf.OperatorRegistry()
+    tenants = (GROUP, VERSION, PLURAL)
+    kopf.on.startup(registry=registry)(configure)
+    kopf.on.login(registry=registry)(login)
+
+    async def sync(body: kopf.Body, logger: Logger, **_: Any) -> None:
+        await driver.sync(body, logger)
+
+    async def poll(body: kopf.Body, logger: Logger, **_: Any) -> None:
+        await driver.poll(body, logger)
+
+    async def remove(body: kopf.Body, logger: Logger, **_: Any) -> None:
+        await driver.remove(body, logger)
+
+    async def close(**_: Any) -> None:
+        await driver.shim.close()
+
+    kopf.on.create(*tenants, id="sync", registry=registry)(sync)
+    kopf.on.resume(*tenants, id="sync", registry=registry)(sync)
+    kopf.on.update(*tenants, id="sync", field="spec", registry=registry)(sync)
+    annotation = ("metadata", "annotations", RECONCILE_REQUESTED_ANNOTATION)
+    kopf.on.field(*tenants, id="requested", field=annotation, registry=registry)(sync)
+    kopf.on.delete(*tenants, id="finalize", registry=registry)(remove)
+    kopf.daemon(*tenants, id="poll", cancellation_timeout=1.0, registry=registry)(poll)
+    kopf.on.cleanup(registry=registry)(close)
+    return registry
+
+
+def run_operator(
+    registry: kopf.OperatorRegistry,
+    *,
+    namespaces: list[str] | None = None,
+    liveness: str | None = None,
+    stop_flag: Any = None,
+    ready_flag: Any = None,
+) -> None:
+    """kopf.run with our defaults: standalone (no peering), cluster-wide unless namespaces."""
+    kopf.run(
+        registry=registry,
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=namespaces or (),
+        liveness_endpoint=liveness,
+        stop_flag=stop_flag,
+        ready_flag=ready_flag,
+    )

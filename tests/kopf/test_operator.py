@@ -1,0 +1,107 @@
+"""The kopf operator end to end against the emulated API and the in-memory shim."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from bitbuilder.hostshim.api import ErrorInfo
+from bitbuilder.operator.api import FINALIZER, RECONCILE_REQUESTED_ANNOTATION
+from tests.helpers.fakeshim import FakeShim
+from tests.helpers.kube_emulator import EmulatorThread
+from tests.helpers.kube_http import TENANTS, Kube
+from tests.helpers.wait import wait_for
+from tests.kopf.conftest import operator_thread
+
+SHA_A, SHA_B = "a" * 40, "b" * 40
+
+
+def tenant(name: str = "web", **spec: Any) -> dict[str, Any]:
+    return {
+        "apiVersion": "bitbuilder.io/v1alpha1",
+        "kind": "Tenant",
+        "metadata": {"name": name},
+        "spec": {
+            "image": {"name": "base"},
+            "source": {"url": "https://git.example/web.git", "ref": {"branch": "main"}},
+            **spec,
+        },
+    }
+
+
+def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
+    for cond in ((obj or {}).get("status") or {}).get("conditions", []):
+        if cond["type"] == kind:
+            return dict(cond)
+    return {}
+
+
+def status_where(kube: Kube, name: str, **wanted: Any) -> dict[str, Any] | None:
+    obj = kube.get(f"{TENANTS}/{name}")
+    status = (obj or {}).get("status") or {}
+    return obj if all(status.get(k) == v for k, v in wanted.items()) else None
+
+
+def test_apply_runs_then_follows_spec_commits_and_problems(
+    api: EmulatorThread, kube: Kube, fake_shim: FakeShim
+) -> None:
+    fake_shim.heads["web"] = SHA_A
+    with operator_thread(api.url, fake_shim.socket):
+        kube.ok("POST", TENANTS, tenant())
+        running = wait_for(
+            lambda: status_where(kube, "web", phase="Running", observedGeneration=1),
+            what="web Running",
+        )
+        assert condition(running, "Ready")["status"] == "True"
+        assert condition(running, "Stalled").get("status") != "True"
+        assert running["status"]["appliedRevision"] == f"main@sha1:{SHA_A}"
+        assert running["metadata"]["finalizers"] == [FINALIZER]
+        assert not any(k.startswith("kopf") for k in running["status"]), "kopf keys in status"
+
+        # A spec change: a new generation, observed once reconciled.
+        kube.merge(f"{TENANTS}/web", {"spec": {"resources": {"memory": "64Mi"}}})
+        wait_for(lambda: status_where(kube, "web", observedGeneration=2), what="generation 2")
+        assert fake_shim.specs["web"].resources.memory_bytes == 64 * 2**20
+
+        # A new commit, picked up at once through the annotation.
+        fake_shim.heads["web"] = SHA_B
+        request = {"metadata": {"annotations": {RECONCILE_REQUESTED_ANNOTATION: "1"}}}
+        kube.merge(f"{TENANTS}/web", request)
+        wait_for(
+            lambda: status_where(kube, "web", appliedRevision=f"main@sha1:{SHA_B}"),
+            what="revision B applied",
+        )
+
+        # A broken commit: Stalled, naming the problem, the previous revision still applied.
+        fake_shim.source_errors["web"] = ErrorInfo(
+            reason="LayoutError",
+            message="units/evil.service: not a unit file",
+            at=datetime.now(UTC),
+        )
+        request["metadata"]["annotations"][RECONCILE_REQUESTED_ANNOTATION] = "2"
+        kube.merge(f"{TENANTS}/web", request)
+        stalled = wait_for(
+            lambda: (
+                condition(kube.get(f"{TENANTS}/web"), "Stalled").get("status") == "True"
+                and kube.get(f"{TENANTS}/web")
+            ),
+            what="web Stalled",
+        )
+        assert "units/evil.service" in condition(stalled, "Stalled")["message"]
+        assert stalled["status"]["appliedRevision"] == f"main@sha1:{SHA_B}"
+        events = kube.ok("GET", "/api/v1/namespaces/default/events")["items"]
+        reasons = {e["reason"] for e in events if e["involvedObject"]["name"] == "web"}
+        assert "RevisionApplied" in reasons
+
+
+def test_delete_releases_the_finalizer_only_after_the_machine_is_gone(
+    api: EmulatorThread, kube: Kube, fake_shim: FakeShim
+) -> None:
+    fake_shim.heads["web"] = SHA_A
+    with operator_thread(api.url, fake_shim.socket):
+        kube.ok("POST", TENANTS, tenant())
+        wait_for(lambda: status_where(kube, "web", phase="Running"), what="web Running")
+        kube.ok("DELETE", f"{TENANTS}/web")
+        wait_for(lambda: kube.get(f"{TENANTS}/web") is None, what="web deleted")
+        assert "web" not in fake_shim.machines
+        assert ("DELETE", "web") in fake_shim.requests
