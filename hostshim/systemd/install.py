@@ -21,7 +21,8 @@ from bitbuilder.hostshim.config import DEFAULT_STATE_DIR
 from bitbuilder.hostshim.systemd import systemctl
 
 GENERATOR_NAME = "bitbuilder-hostshim-generator"
-ENTRY_POINT = "bitbuilder-hostshim"
+# The commands the units run.
+ENTRY_POINTS = ("bitbuilder-hostshim", "bitbuilder-hostshim-restore")
 # What systemd searches for a unit's non-absolute ExecStart= binary (systemd.service(5)).
 SYSTEMD_EXEC_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin")
 UNITS = ("bitbuilder-hostshim.service", "bitbuilder-hostshim.socket", "setup-tenant@.service")
@@ -48,18 +49,22 @@ def _write(path: Path, text: str, mode: int) -> None:
     tmp.replace(path)
 
 
-def link_entry_point(bin_dir: Path) -> Path | None:
-    """Make `bitbuilder-hostshim` findable by systemd; returns the symlink made, if any."""
-    if shutil.which(ENTRY_POINT, path=":".join(SYSTEMD_EXEC_PATH)):
-        return None
-    target = Path(sys.prefix) / "bin" / ENTRY_POINT
-    if not target.is_file():
-        raise SystemExit(f"{target} not found: install the package first")
-    link = bin_dir / ENTRY_POINT
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    link.unlink(missing_ok=True)
-    link.symlink_to(target)
-    return link
+def link_entry_points(bin_dir: Path) -> list[Path]:
+    """Make the units' commands findable by systemd; returns the symlinks made."""
+    links = []
+    for command in ENTRY_POINTS:
+        link = bin_dir / command
+        found = shutil.which(command, path=":".join(SYSTEMD_EXEC_PATH))
+        if found is not None and Path(found) != link:
+            continue
+        target = Path(sys.prefix) / "bin" / command
+        if not target.is_file():
+            raise SystemExit(f"{target} not found: install the package first")
+        bin_dir.mkdir(parents=True, exist_ok=True)
+        link.unlink(missing_ok=True)
+        link.symlink_to(target)
+        links.append(link)
+    return links
 
 
 def install(unit_dir: Path, generator_dir: Path, bin_dir: Path, state_dir: Path) -> list[Path]:
@@ -69,10 +74,7 @@ def install(unit_dir: Path, generator_dir: Path, bin_dir: Path, state_dir: Path)
         written.append(unit_dir / unit)
     _write(generator_dir / GENERATOR_NAME, generator_script(state_dir), 0o755)
     written.append(generator_dir / GENERATOR_NAME)
-    link = link_entry_point(bin_dir)
-    if link is not None:
-        written.append(link)
-    return written
+    return written + link_entry_points(bin_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

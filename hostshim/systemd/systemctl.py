@@ -21,7 +21,13 @@ def pid1_is_systemd() -> bool:
     return SYSTEMD_RUNTIME.is_dir()
 
 
-def _run(argv: Sequence[str], timeout: float = 60.0, check: bool = True) -> str:
+# systemctl's exit status for "no such unit" (LSB "program is not installed").
+EXIT_NO_SUCH_UNIT = 5
+
+
+def _run(
+    argv: Sequence[str], timeout: float = 60.0, check: bool = True, ok: Sequence[int] = (0,)
+) -> str:
     try:
         result = subprocess.run(
             list(argv),
@@ -32,7 +38,7 @@ def _run(argv: Sequence[str], timeout: float = 60.0, check: bool = True) -> str:
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise MachineError(f"{argv[0]} failed: {exc}") from exc
-    if check and result.returncode != 0:
+    if check and result.returncode not in ok:
         detail = (result.stderr or result.stdout).strip()
         raise MachineError(f"{' '.join(argv[:3])} ... failed ({result.returncode}): {detail}")
     return result.stdout
@@ -72,7 +78,7 @@ def show(unit: str, *properties: str) -> dict[str, str]:
 
 def stop(unit: str, timeout: float = 60.0) -> None:
     """Stop `unit` and wait for it; a unit that does not exist is already stopped."""
-    _run(["systemctl", "stop", "--", unit], timeout=timeout)
+    _run(["systemctl", "stop", "--", unit], timeout=timeout, ok=(0, EXIT_NO_SUCH_UNIT))
     reset_failed(unit)
 
 
