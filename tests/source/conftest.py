@@ -71,8 +71,13 @@ class Remote:
 
 
 def make_spec(
-    url: str, *, repo_settings: tuple[str, ...] = ("hostname",), **source: Any
+    url: str,
+    *,
+    repo_settings: tuple[str, ...] = ("hostname",),
+    extensions: list[dict[str, str]] | None = None,
+    **source: Any,
 ) -> MachineSpec:
+    """A MachineSpec for tenant t1; `source` holds SourceSpec fields (ref defaults to main)."""
     source.setdefault("ref", {"branch": "main"})
     return MachineSpec.model_validate(
         {
@@ -80,6 +85,7 @@ def make_spec(
             "image": "base",
             "source": {"url": url, **source},
             "repo_settings": list(repo_settings),
+            "extensions": extensions,
         }
     )
 

@@ -1,0 +1,264 @@
+"""The tenant-repo layout: what load_layout accepts, and hostile trees it refuses."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from bitbuilder.hostshim import layout as layout_module
+from bitbuilder.hostshim.api import MachineSpec
+from bitbuilder.hostshim.errors import LayoutError
+from bitbuilder.hostshim.layout import load_layout
+from tests.helpers.gitserve import Content, Link, TenantRepo
+from tests.source.conftest import BASIC_LAYOUT, make_spec
+
+SECRET = "TOPSECRET-host-only\n"
+
+
+def spec(**kw: Any) -> MachineSpec:
+    kw.setdefault("repo_settings", ("hostname", "environment"))
+    return make_spec("https://git.example/t.git", **kw)
+
+
+def build(root: Path, files: dict[str, Content]) -> Path:
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        if isinstance(content, Link):
+            path.symlink_to(content.target)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return root
+
+
+def error_for(tree: Path, machine: MachineSpec | None = None, **kw: Any) -> str:
+    with pytest.raises(LayoutError) as caught:
+        load_layout(tree, machine or spec(), **kw)
+    return caught.value.message
+
+
+@pytest.fixture
+def secret(tmp_path: Path) -> Path:
+    """A host file outside every tenant tree; nothing may ever read it."""
+    path = tmp_path / "host-secret"
+    path.write_text(SECRET)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    return build(tmp_path / "tree", dict(BASIC_LAYOUT))
+
+
+def test_basic_layout(tree: Path) -> None:
+    build(tree, {"machine.yaml": "hostname: web-1\nenvironment: {A: x, PORT: 8080}\n"})
+    build(tree, {"README.md": "ignored\n", "confext/base/etc/ssh/sshd_config": "x\n"})
+    found = load_layout(tree, spec())
+    assert found.root == tree
+    assert found.confext == {"base": tree / "confext/base"}
+    assert found.sysext == {"tools": tree / "sysext/tools"}
+    assert found.units == {"hello.service": tree / "units/hello.service"}
+    assert (found.settings.hostname, found.settings.environment) == (
+        "web-1",
+        {"A": "x", "PORT": "8080"},
+    )
+
+
+def test_source_path_selects_a_subfolder(tmp_path: Path) -> None:
+    root = build(tmp_path / "t", {f"hosts/web/{k}": v for k, v in BASIC_LAYOUT.items()})
+    found = load_layout(root, spec(path="hosts/web"))
+    assert found.root == root / "hosts/web" and set(found.units) == {"hello.service"}
+    assert "hosts/db" in error_for(root, spec(path="hosts/db"))
+    with pytest.raises(pydantic.ValidationError):
+        spec(path="../etc")
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "allowed", "named"),
+    [
+        ("environment: {A: b}\n", ("hostname",), "'environment'"),
+        ("privileged: true\n", ("hostname", "environment"), "'privileged'"),
+        ("hostname: Not_A_Label\n", ("hostname",), "hostname"),
+        ("environment: {'1BAD': x}\n", ("environment",), "'1BAD'"),
+        ("environment: {A: [1]}\n", ("environment",), "environment A"),
+        ("- a list\n", ("hostname",), "mapping"),
+        ("hostname: [unclosed\n", ("hostname",), "YAML"),
+    ],
+)
+def test_machine_yaml_is_limited_to_the_allowed_settings(
+    tree: Path, yaml_text: str, allowed: tuple[str, ...], named: str
+) -> None:
+    build(tree, {"machine.yaml": yaml_text})
+    message = error_for(tree, spec(repo_settings=allowed))
+    assert message.startswith("machine.yaml") and named in message
+
+
+@pytest.mark.parametrize(
+    ("files", "named"),
+    [
+        ({"confext/bad/usr/lib/x": "x"}, "confext/bad/usr"),
+        ({"confext/bad/etcx": "x"}, "confext/bad/etcx"),
+        ({"sysext/bad/etc/x": "x"}, "sysext/bad/etc"),
+        ({"sysext/-bad/usr/x": "x"}, "sysext/-bad"),
+        ({"confext/empty/.keep": ""}, "confext/empty/.keep"),
+        ({"confext/file": "x"}, "confext/file"),
+        ({"units/evil": "x"}, "units/evil"),
+        ({"units/a.service.d/override.conf": "x"}, "units/a.service.d"),
+        ({"units/big.service": "x" * (layout_module.MAX_UNIT_BYTES + 1)}, "units/big.service"),
+        ({"confext/x/etc/bad\nname": "x"}, "confext/x/etc/bad"),
+        ({"units/x\x1b.service": "x"}, "units/x"),
+    ],
+)
+def test_bad_trees_are_refused_naming_the_path(
+    tree: Path, files: dict[str, Content], named: str
+) -> None:
+    build(tree, files)
+    assert error_for(tree).startswith(named)
+
+
+def test_extension_release_id(tree: Path) -> None:
+    release = "confext/base/etc/extension-release.d/extension-release.base"
+    build(tree, {release: "ID=debian\n"})
+    assert load_layout(tree, spec(), os_release_id="debian").confext
+    assert "ID=debian does not match" in error_for(tree, os_release_id="fedora")
+    (tree / release).write_text('ID="_any"\n')
+    assert load_layout(tree, spec(), os_release_id="fedora").confext
+    (tree / release).write_text("VERSION_ID=1\n")
+    assert error_for(tree).startswith(release)
+
+
+def test_selected_extensions_only_and_missing_one_is_an_error(tree: Path) -> None:
+    build(tree, {"confext/other/etc/x": "x"})
+    chosen = spec(extensions=[{"name": "base", "type": "confext"}])
+    found = load_layout(tree, chosen)
+    assert set(found.confext) == {"base"} and found.sysext == {}
+    missing = spec(extensions=[{"name": "nope", "type": "sysext"}])
+    assert error_for(tree, missing).startswith("sysext/nope")
+
+
+def test_symlinks_inside_trees_are_kept_never_followed(tree: Path, secret: Path) -> None:
+    build(tree, {"confext/base/etc/passwd": Link("/etc/shadow")})
+    build(tree, {"confext/base/etc/secret": Link(str(secret)), "sysext/tools/usr/lib": Link("..")})
+    found = load_layout(tree, spec())
+    assert os.readlink(found.confext["base"] / "etc/passwd") == "/etc/shadow"
+
+
+@pytest.mark.parametrize(
+    ("files", "named"),
+    [
+        ({"units/evil.service": Link("/etc/shadow")}, "units/evil.service"),
+        ({"units/leak.service": Link("{secret}")}, "units/leak.service"),
+        ({"machine.yaml": Link("{secret}")}, "machine.yaml"),
+        ({"confext/x": Link("/etc")}, "confext/x"),
+        ({"confext/x/etc": Link("/etc")}, "confext/x/etc"),
+        (
+            {"confext/x/etc/extension-release.d/extension-release.x": Link("{secret}")},
+            "confext/x/etc/extension-release.d",
+        ),
+    ],
+)
+def test_symlinks_to_the_host_are_refused_where_they_would_be_read(
+    tree: Path, secret: Path, files: dict[str, Link], named: str
+) -> None:
+    build(tree, {k: Link(v.target.format(secret=secret)) for k, v in files.items()})
+    message = error_for(tree)
+    assert message.startswith(named) and "symlink" in message
+    assert SECRET.strip() not in message
+
+
+def test_symlinked_folders_are_refused(tmp_path: Path, secret: Path) -> None:
+    real = build(tmp_path / "real", dict(BASIC_LAYOUT))
+    for folder in ("confext", "units", "sysext"):
+        tree = build(tmp_path / folder, {"keep": "x", folder: Link(str(real / folder))})
+        assert error_for(tree).startswith(folder)
+    tree = build(tmp_path / "p", {"sub": Link(str(real))})
+    assert "sub" in error_for(tree, spec(path="sub"))
+
+
+@pytest.mark.timeout(30)
+def test_fifo_behind_a_symlink_is_never_opened(tree: Path, tmp_path: Path) -> None:
+    """Opening a FIFO blocks: a followed link would hang here instead of failing."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    build(tree, {"machine.yaml": Link(str(fifo))})
+    assert "symlink" in error_for(tree)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "chardev", "socket"])
+def test_special_files_are_refused(tree: Path, kind: str) -> None:
+    path = tree / "confext/base/etc/special"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "chardev":
+        os.mknod(path, 0o600 | stat.S_IFCHR, os.makedev(1, 3))
+    else:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(path))
+    message = error_for(tree)
+    assert message.startswith("confext/base/etc/special") and "not allowed" in message
+
+
+def test_entry_and_size_limits(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(layout_module, "MAX_ENTRIES", 5)
+    assert "more than 5" in error_for(tree)
+    monkeypatch.setattr(layout_module, "MAX_ENTRIES", 1000)
+    monkeypatch.setattr(layout_module, "MAX_TREE_BYTES", 2**20)
+    build(tree, {"blob.bin": b"\0" * (2**20 + 1)})
+    assert "exceeds" in error_for(tree)
+
+
+NAMES = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_characters="/\x00"), min_size=1, max_size=40
+).filter(lambda n: n not in (".", ".."))
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(unit=NAMES, ext=NAMES)
+def test_any_names_are_accepted_or_refused_cleanly(tmp_path: Path, unit: str, ext: str) -> None:
+    root = tmp_path / f"h{abs(hash((unit, ext)))}"
+    try:
+        build(root, {f"units/{unit}": "[Unit]\n", f"confext/{ext}/etc/x": "x"})
+    except OSError:  # a name the filesystem itself refuses (e.g. too long in bytes)
+        return
+    try:
+        found = load_layout(root, spec())
+    except LayoutError as exc:
+        assert exc.message.startswith(("units/", "confext/")), exc.message
+        return
+    assert set(found.units) == {unit} and unit.endswith(layout_module.UNIT_SUFFIXES)
+    assert set(found.confext) == {ext} and "\n" not in unit + ext
+
+
+def test_hostile_symlinks_through_git_stay_links(tmp_path: Path) -> None:
+    """Via a real sync: the checkout stores links as links; the layout refuses linked units."""
+    from bitbuilder.hostshim.config import ShimConfig
+    from bitbuilder.hostshim.paths import TenantPaths
+    from bitbuilder.hostshim.source import GitSource
+
+    served = tmp_path / "served"
+    repo = TenantRepo(served)
+    commit = repo.commit({**BASIC_LAYOUT, "confext/base/etc/passwd": Link("/etc/shadow")})
+    config = ShimConfig(state_dir=tmp_path / "state", file_source_roots=(served,))
+    source = GitSource(TenantPaths(config, "t1"), config)
+    checkout = source.sync(make_spec(repo.file_url()))
+    link = checkout.tree / "confext/base/etc/passwd"
+    assert link.is_symlink() and os.readlink(link) == "/etc/shadow"
+    repo.commit({"units/evil.service": Link("/etc/shadow")})
+    with pytest.raises(LayoutError, match=r"units/evil\.service"):
+        source.sync(make_spec(repo.file_url()))
+    assert os.readlink(TenantPaths(config, "t1").revision(repo.head()) / "units/evil.service")
+    assert checkout.commit == commit
