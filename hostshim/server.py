@@ -127,7 +127,8 @@ def _reject_constant(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
 
 
-async def _json_body(request: web.Request) -> object:
+async def _json_body(request: web.Request) -> bytes:
+    """The raw body, once it is known to be one JSON document of acceptable size and type."""
     if request.content_type != "application/json":
         raise ApiProblem(
             415,
@@ -139,16 +140,18 @@ async def _json_body(request: web.Request) -> object:
         raise ApiProblem(413, "PayloadTooLarge", f"request body is larger than {limit} bytes")
     raw = await request.read()
     try:
-        return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (ValueError, RecursionError) as exc:
         raise ApiProblem(
             400, "InvalidJSON", f"the body is not valid JSON: {str(exc)[:200]}"
         ) from None
+    return raw
 
 
-def _validate(model: type[M], data: object) -> M:
+def _validate(model: type[M], raw: bytes) -> M:
+    """Strict validation: JSON types must be right ("yes" is not a boolean, "5" not a number)."""
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(raw, strict=True)
     except ValidationError as exc:
         errors = exc.errors(include_input=False, include_url=False)
         parts = []

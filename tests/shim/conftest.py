@@ -12,8 +12,8 @@ import pytest
 from bitbuilder.hostshim.api import ImageSpec
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.machines import MachineManager
+from bitbuilder.hostshim.main import build_manager
 from bitbuilder.hostshim.paths import TenantPaths
-from tests.helpers.wait import wait_for
 from tests.shim.fakes import (
     FakeImages,
     FakeRemote,
@@ -22,18 +22,18 @@ from tests.shim.fakes import (
     fake_layout,
     fake_tree_check,
 )
-from tests.shim.harness import ServerThread, ShimClient
+from tests.shim.harness import ServerThread, ShimClient, wait_resumed
 
 REPO_URL = "https://git.example.com/tenants/web.git"
 
 
 def shim_config(root: Path, **overrides: Any) -> ShimConfig:
-    return ShimConfig(
-        state_dir=root / "state",
-        runtime_dir=root / "run",
-        socket_path=root / "run" / "hostshim.sock",
-        **overrides,
-    )
+    defaults: dict[str, Any] = {
+        "state_dir": root / "state",
+        "runtime_dir": root / "run",
+        "socket_path": root / "run" / "hostshim.sock",
+    }
+    return ShimConfig(**{**defaults, **overrides})
 
 
 def machine_spec(name: str = "web", **overrides: Any) -> dict[str, Any]:
@@ -77,7 +77,7 @@ class FakeShim:
         self.manager = self.new_manager()
         self.manager.startup()
         self.server = ServerThread(self.manager, self.config).start()
-        wait_for(lambda: self.client.request("GET", "/healthz").body["resumed"], what="resume")
+        wait_resumed(self.client)
         return self
 
     def stop(self) -> None:
@@ -100,3 +100,54 @@ def fake_shim(tmp_path: Path) -> Iterator[FakeShim]:
         yield shim
     finally:
         shim.stop()
+
+
+@dataclass
+class RealShim:
+    """A served shim over the real git source, image store and runner (direct executor)."""
+
+    config: ShimConfig
+    server: ServerThread | None = None
+
+    def __post_init__(self) -> None:
+        self.client = ShimClient(str(self.config.socket_path))
+
+    def start(self) -> RealShim:
+        self.manager = build_manager(self.config)
+        self.manager.startup()
+        self.server = ServerThread(self.manager, self.config).start()
+        wait_resumed(self.client)
+        return self
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+def real_config(tmp_path: Path, **overrides: Any) -> ShimConfig:
+    """Real components under tmp_path: file:// repos allowed under tmp_path/served, images
+    from tmp_path/images."""
+    for folder in ("served", "images"):
+        (tmp_path / folder).mkdir(exist_ok=True)
+    defaults: dict[str, Any] = {
+        "file_source_roots": (tmp_path / "served",),
+        "trusted_image_paths": (tmp_path / "images",),
+        "executor": "direct",
+    }
+    return shim_config(tmp_path, **{**defaults, **overrides})
+
+
+@pytest.fixture
+def real_shim(tmp_path: Path) -> Iterator[RealShim]:
+    shim = RealShim(real_config(tmp_path)).start()
+    try:
+        yield shim
+    finally:
+        shim.stop()
+        for name in shim.manager.runner.adopt():  # machines a failed test left behind
+            shim.manager.runner.stop(name)

@@ -13,6 +13,7 @@ from typing import Any
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.machines import MachineManager
 from bitbuilder.hostshim.server import serve
+from tests.helpers.wait import wait_for
 
 JSON = "application/json"
 
@@ -120,3 +121,13 @@ class ServerThread:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(30)
         assert not self._thread.is_alive(), "shim server thread did not stop"
+
+
+def wait_resumed(client: ShimClient) -> None:
+    """Until the shim has finished its startup work (or refuses us: then there is nothing to see)."""
+
+    def done() -> bool:
+        reply = client.request("GET", "/healthz")
+        return reply.status == 403 or bool(reply.body["resumed"])
+
+    wait_for(done, what="the shim to resume its tenants")

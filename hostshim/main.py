@@ -1,0 +1,123 @@
+"""`bitbuilder-hostshim`: the privileged host shim daemon.
+
+SIGTERM/SIGINT stop serving; the tenants keep running (they are detached from the shim, or
+systemd units) and the next shim re-adopts them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bitbuilder.hostshim.config import (
+    DEFAULT_RUNTIME_DIR,
+    DEFAULT_SOCKET,
+    DEFAULT_STATE_DIR,
+    ShimConfig,
+)
+from bitbuilder.hostshim.executor import select_executor
+from bitbuilder.hostshim.images import ImageStore
+from bitbuilder.hostshim.layout import load_layout
+from bitbuilder.hostshim.machines import MachineManager, SourceLike
+from bitbuilder.hostshim.paths import TenantPaths
+from bitbuilder.hostshim.runner import Runner
+from bitbuilder.hostshim.server import serve
+from bitbuilder.hostshim.source import GitSource
+
+log = logging.getLogger("bitbuilder.hostshim")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bitbuilder-hostshim",
+        description="Run tenants as nspawn machines from their git repos; serve the shim API "
+        "on a unix socket.",
+    )
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    parser.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR)
+    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    parser.add_argument(
+        "--allow-uid", type=int, action="append", default=[], metavar="N",
+        help="uid allowed on the socket (repeatable; default: 0 only)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--allow-gid", type=int, action="append", default=[], metavar="N",
+        help="gid allowed on the socket (repeatable); the socket's group becomes the first",
+    )  # fmt: skip
+    parser.add_argument(
+        "--trusted-image-path", type=Path, action="append", default=[], metavar="DIR",
+        help="directory that PUT /v1/images may import from (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--file-source-root", type=Path, action="append", default=[], metavar="DIR",
+        help="root under which file:// tenant repos are allowed (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--executor", choices=("auto", "direct", "systemd"), default="auto")
+    parser.add_argument(
+        "--drift-interval", type=float, default=30.0, metavar="SECONDS",
+        help="how often to check running machines against their applied revision (0: never)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+    )
+    return parser.parse_args(argv)
+
+
+def config_from(args: argparse.Namespace) -> ShimConfig:
+    return ShimConfig(
+        state_dir=args.state_dir.absolute(),
+        runtime_dir=args.runtime_dir.absolute(),
+        socket_path=args.socket.absolute(),
+        allowed_uids=frozenset(args.allow_uid or [0]),
+        allowed_gids=frozenset(args.allow_gid),
+        trusted_image_paths=tuple(p.absolute() for p in args.trusted_image_path),
+        file_source_roots=tuple(p.absolute() for p in args.file_source_root),
+        executor=args.executor,
+    )
+
+
+def build_manager(config: ShimConfig) -> MachineManager:
+    """The manager over the real git source, image store and runner."""
+    images = ImageStore(config)
+    runner = Runner(config, images, select_executor(config))
+
+    def source_for(paths: TenantPaths) -> SourceLike:
+        return GitSource(paths, config)
+
+    return MachineManager(config, runner, images, source_for, load_layout)
+
+
+async def _run(manager: MachineManager, config: ShimConfig, drift_interval: float | None) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await serve(manager, config, stop, drift_interval=drift_interval)
+    log.info("stopped serving; machines keep running")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    config = config_from(args)
+    for folder in (config.state_dir, config.runtime_dir):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    manager = build_manager(config)
+    manager.startup()
+    try:
+        asyncio.run(_run(manager, config, args.drift_interval or None))
+    except RuntimeError as exc:  # e.g. another shim serves the socket
+        log.error("%s", exc)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
