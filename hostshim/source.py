@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Callable, Collection
 from contextlib import nullcontext
@@ -31,17 +32,19 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONNECT_TIMEOUT_MS = 5_000  # TCP connect; an unreachable host fails in seconds, not minutes
-IO_TIMEOUT_MS = 60_000  # a stalled server
+IO_TIMEOUT_MS = 30_000  # a server that stalls mid-conversation
 ORIGIN_BRANCH = "refs/remotes/origin/"
 ALL_REFS = ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"]
 _OS_RELEASE = ("usr/lib/os-release", "etc/os-release")
 
-# Fragments of libgit2 messages, by what they mean.
-_AUTH_HINTS = ("authentication", "401", "403", "credentials", "callback set")
-_CORRUPT_HINTS = ("corrupt", "hash mismatch", "inflate", "decompress", "object not found",
-                  "failed to parse", "packfile", "bad object", "odb", "invalid object",
-                  "loose object", "object header", "zlib")  # fmt: skip
-_HOSTKEY_HINTS = ("certificate", "hostkey", "host key")
+# libgit2's messages, by what they mean (matched with the URL cut out: a host or port in it
+# must not look like a status code).
+_AUTH = re.compile(r"authentication|credentials|callback set|status code: 40[13]\b")
+_CORRUPT = re.compile(
+    r"corrupt|hash mismatch|inflate|decompress|zlib|object not found|failed to parse"
+    r"|packfile|bad object|invalid object|loose object|object header"
+)
+_CERTIFICATE = re.compile(r"certificate|hostkey|host key")
 
 
 class RefNotFound(SourceError):
@@ -314,14 +317,19 @@ def _classify(message: str, source: SourceSpec) -> SourceError:
     for secret in (creds.password, creds.ssh_private_key) if creds else ():
         if secret is not None and secret.get_secret_value():
             message = message.replace(secret.get_secret_value(), "***")
-    low = message.lower()
     url = source.url
-    if any(h in low for h in _HOSTKEY_HINTS):
+    host = urlsplit(url).netloc if "://" in url else url.split(":", 1)[0]
+    low = message.replace(url, "").replace(host, "").lower()
+    if _CERTIFICATE.search(low):
+        if credentials.is_ssh(url):
+            return credentials.AuthenticationFailed(
+                f"{url}: the server's host key is not in sshKnownHosts (always checked)"
+            )
         return credentials.AuthenticationFailed(
-            f"{url}: the server's host key is not in sshKnownHosts (host key checking is always on)"
+            f"{url}: the server's TLS certificate is not trusted"
         )
-    if any(h in low for h in _AUTH_HINTS):
+    if _AUTH.search(low):
         return credentials.AuthenticationFailed(f"{url}: authentication failed ({message})")
-    if any(h in low for h in _CORRUPT_HINTS):
+    if _CORRUPT.search(low):
         return CorruptRepository(f"{url}: corrupt objects ({message})")
     return SourceError(f"{url}: unreachable ({message})", reason="SourceUnreachable")

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pygit2
 import pytest
 
+from bitbuilder.hostshim import source as source_module
 from bitbuilder.hostshim.api import GitCredentials
 from bitbuilder.hostshim.errors import SourceError
 from bitbuilder.hostshim.paths import TenantPaths
@@ -117,6 +120,24 @@ def test_closed_port_is_source_unreachable_quickly(source: GitSource) -> None:
         error = reason_of(source, make_spec(url))
         assert error.reason == "SourceUnreachable", error
         assert url in error.message
+
+
+def test_silent_server_is_source_unreachable_within_the_timeout(
+    paths: TenantPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A server that accepts and then says nothing: the read timeout ends the wait."""
+    monkeypatch.setattr(source_module, "IO_TIMEOUT_MS", 500)
+    source = GitSource(paths, paths.config)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        port = silent.getsockname()[1]
+        started = time.monotonic()
+        error = reason_of(source, make_spec(f"git://127.0.0.1:{port}/x.git"))
+    assert error.reason == "SourceUnreachable" and "timed out" in error.message
+    assert time.monotonic() - started < 10
+    monkeypatch.undo()
+    GitSource(paths, paths.config)  # libgit2's timeouts are global: back to the defaults
 
 
 def test_file_url_outside_allowed_roots_is_refused(

@@ -50,6 +50,7 @@ def test_sync_checks_out_follows_and_skips_fetch_when_unchanged(
     assert source.remote_head(spec.source) == first
     again = source.sync(spec)
     assert again.commit == first and again.tree == checkout.tree
+    assert again.tree.stat().st_ino == checkout.tree.stat().st_ino, "a tree is written once"
     assert len(fetch_calls) == 1, "the remote head was unchanged: nothing may be fetched"
     assert server_round_trips(remote) - trips == 2 * UNCHANGED_TRIPS[remote.kind]
 
