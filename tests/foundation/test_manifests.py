@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
+from bitbuilder.operator.main import build_parser
 from tests.foundation.conftest import CRD_FILE, EXAMPLES, REPO
 
 Obj = dict[str, Any]
@@ -110,11 +112,21 @@ def test_operator_runs_without_privilege(base: dict[tuple[str, str], Obj]) -> No
 def test_operator_image_and_probes(base: dict[tuple[str, str], Obj]) -> None:
     [container] = base["DaemonSet", "bitbuilder-operator"]["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "localhost/bitbuilder-operator:0.1.0"  # kustomize `images`
-    assert "--liveness=http://0.0.0.0:8080/healthz" in container["args"]
+    assert container["command"] == ["bitbuilder-operator"]
+    assert container["args"] == [
+        "--socket=$(BITBUILDER_SHIM_SOCKET)",
+        "--secrets-namespace=$(BITBUILDER_SECRETS_NAMESPACE)",
+        "--liveness=http://0.0.0.0:8080/healthz",
+    ]
     for probe in ("livenessProbe", "readinessProbe"):
         assert container[probe]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8080} in container["ports"]
     assert container["envFrom"] == [{"configMapRef": {"name": "bitbuilder-operator"}}]
+    settings = base["ConfigMap", "bitbuilder-operator"]["data"]
+    assert settings == {
+        "BITBUILDER_SHIM_SOCKET": "/run/bitbuilder/hostshim.sock",
+        "BITBUILDER_SECRETS_NAMESPACE": "bitbuilder-system",
+    }
 
 
 def test_sample_tenants_render() -> None:
@@ -128,3 +140,18 @@ def test_kind_cluster_mounts_what_the_shim_needs() -> None:
         (m["hostPath"], m["containerPath"]) for n in config["nodes"] for m in n["extraMounts"]
     }
     assert mounts == {(p, p) for p in ("/var/lib/machines", "/run/bitbuilder", "/dev/kvm")}
+
+
+def test_operator_command_line_is_one_the_operator_accepts(
+    base: dict[tuple[str, str], Obj],
+) -> None:
+    """The DaemonSet's arguments, with $(VAR) expanded as the kubelet does, parse."""
+    [container] = base["DaemonSet", "bitbuilder-operator"]["spec"]["template"]["spec"]["containers"]
+    settings: dict[str, str] = base["ConfigMap", "bitbuilder-operator"]["data"]
+    args = [re.sub(r"\$\((\w+)\)", lambda m: settings[m[1]], a) for a in container["args"]]
+    parsed = build_parser().parse_args(args)
+    assert parsed.socket == Path("/run/bitbuilder/hostshim.sock")
+    assert parsed.secrets_namespace == "bitbuilder-system"
+    assert parsed.liveness == "http://0.0.0.0:8080/healthz"
+    node_name = next(e for e in container["env"] if e["name"] == "NODE_NAME")
+    assert node_name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
