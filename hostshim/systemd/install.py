@@ -1,11 +1,11 @@
 """`bitbuilder-hostshim-install`: put the shim's units and boot-time generator on this host.
 
 - the unit files shipped in the package (hostshim/units/) go to --unit-dir;
+- a .network file telling networkd to leave the tenant links to the shim (systemd/networkd.py);
 - the generator is written to --generator-dir as a two-line script run by this interpreter;
 - the units call `bitbuilder-hostshim` through systemd's fixed executable search path, so
   when it is not found there (a virtualenv install) a symlink goes to /usr/local/bin.
-Then `systemctl daemon-reload`, and with --enable the socket and service are enabled and
-started. Idempotent: running it again rewrites the same files.
+Then `systemctl daemon-reload`, and with --enable the service is enabled and started. Idempotent: running it again rewrites the same files.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 from bitbuilder.hostshim.config import DEFAULT_STATE_DIR
-from bitbuilder.hostshim.systemd import systemctl
+from bitbuilder.hostshim.systemd import networkd, systemctl
 
 GENERATOR_NAME = "bitbuilder-hostshim-generator"
 # The commands the units run.
@@ -67,8 +67,10 @@ def link_entry_points(bin_dir: Path) -> list[Path]:
     return links
 
 
-def install(unit_dir: Path, generator_dir: Path, bin_dir: Path, state_dir: Path) -> list[Path]:
-    written = []
+def install(
+    unit_dir: Path, generator_dir: Path, bin_dir: Path, network_dir: Path, state_dir: Path
+) -> list[Path]:
+    written = [networkd.install(network_dir)]
     for unit in UNITS:
         _write(unit_dir / unit, shipped_unit(unit), 0o644)
         written.append(unit_dir / unit)
@@ -84,16 +86,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--generator-dir", type=Path, default=Path("/usr/lib/systemd/system-generators")
     )
     parser.add_argument("--bin-dir", type=Path, default=Path("/usr/local/bin"))
+    parser.add_argument("--network-dir", type=Path, default=networkd.NETWORK_DIR)
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.add_argument("--no-reload", action="store_true", help="skip systemctl daemon-reload")
     parser.add_argument("--enable", action="store_true", help="enable and start the shim")
     args = parser.parse_args(argv)
-    for path in install(args.unit_dir, args.generator_dir, args.bin_dir, args.state_dir):
+    for path in install(
+        args.unit_dir, args.generator_dir, args.bin_dir, args.network_dir, args.state_dir
+    ):
         print(f"installed {path}")
     if not args.no_reload:
         systemctl.daemon_reload()
+        networkd.reload()
     if args.enable:
-        systemctl.enable_now("bitbuilder-hostshim.socket", "bitbuilder-hostshim.service")
+        # Not the .socket yet: the server binds its socket itself until it takes the one
+        # systemd passes (systemd/activation.py).
+        systemctl.enable_now("bitbuilder-hostshim.service")
     return 0
 
 

@@ -24,6 +24,8 @@ from tests.system.testhost import TestHost
 
 BIN = Path(sys.prefix) / "bin"
 DROP_IN = "/etc/systemd/system/bitbuilder-hostshim.service.d/10-test.conf"
+# What many servers have: every link managed, with DHCP. Tenant links must stay the shim's.
+CATCH_ALL = "/etc/systemd/network/99-catch-all.network"
 TENANTS = ("alpha", "beta")
 MEMORY_MAX = 256 * 2**20
 
@@ -98,6 +100,9 @@ def deployment(testhost: TestHost, shared_dir: Path) -> Iterator[Deployment]:
         (repos / name).mkdir(parents=True)
         git("init", "-q", "-b", "main", cwd=repos / name)
         write_revision(repos / name, name, "r1")
+    testhost.enter(
+        "sh", "-c", f"printf '[Match]\\nName=*\\n[Network]\\nDHCP=yes\\n' > {CATCH_ALL}"
+    )  # fmt: skip
     testhost.run(str(BIN / "bitbuilder-hostshim-install"))
     flags = f"--file-source-root={repos} --trusted-image-path={images} --drift-interval=0"
     testhost.enter("mkdir", "-p", str(Path(DROP_IN).parent))
@@ -164,6 +169,11 @@ def host_side(address: str) -> str:
 def test_tenants_are_isolated_and_reach_what_their_spec_allows(deployment: Deployment) -> None:
     alpha, beta = (deployment.status(n)["address"] for n in TENANTS)
     assert alpha and beta and alpha != beta
+    # The catch-all .network matches the tenant links too; the shim's file keeps networkd off.
+    links = deployment.host.enter("networkctl", "list", "--no-legend").stdout
+    tenant_links = [line.split() for line in links.splitlines() if line.split()[1].startswith("bb")]
+    assert len(tenant_links) == len(TENANTS), links
+    assert all(fields[-1] == "unmanaged" for fields in tenant_links), links
     assert ping(deployment, "alpha", host_side(alpha))  # allowHost: true
     assert not ping(deployment, "beta", host_side(beta))  # allowHost: false
     assert not ping(deployment, "alpha", beta)
