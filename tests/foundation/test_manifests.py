@@ -155,3 +155,13 @@ def test_operator_command_line_is_one_the_operator_accepts(
     assert parsed.liveness == "http://0.0.0.0:8080/healthz"
     node_name = next(e for e in container["env"] if e["name"] == "NODE_NAME")
     assert node_name["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}
+
+
+def test_operator_image_runs_as_the_uid_the_manifests_expect(
+    base: dict[tuple[str, str], Obj],
+) -> None:
+    pod = base["DaemonSet", "bitbuilder-operator"]["spec"]["template"]["spec"]
+    uid, gid = pod["securityContext"]["runAsUser"], pod["securityContext"]["runAsGroup"]
+    lines = (REPO / "Containerfile").read_text().splitlines()
+    assert f"USER {uid}:{gid}" in lines
+    assert 'ENTRYPOINT ["bitbuilder-operator"]' in lines
