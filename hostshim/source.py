@@ -149,12 +149,17 @@ class GitSource:
                 "%s: %s was force-pushed from %s to %s (following the remote)",
                 self.paths.name, source.ref.describe(), forced_from, commit,
             )  # fmt: skip
-        if source.verify is not None:
-            signature, payload = _local(lambda: _commit(repo, commit).gpg_signature)
-            signed = (signature, payload) if signature else None
-            signing.verify_commit(commit, signed, source.verify)
-        tree = self._checkout(repo, commit)
-        layout = load_layout(tree, spec, os_release_id=self._os_release_id(spec.image))
+        revision = f"{source.ref.describe()}@sha1:{commit}"
+        try:
+            if source.verify is not None:
+                signature, payload = _local(lambda: _commit(repo, commit).gpg_signature)
+                signed = (signature, payload) if signature else None
+                signing.verify_commit(commit, signed, source.verify)
+            tree = self._checkout(repo, commit)
+            layout = load_layout(tree, spec, os_release_id=self._os_release_id(spec.image))
+        except SourceError as exc:
+            exc.revision = revision  # status names the refused revision
+            raise
         return Checkout(
             commit=commit,
             ref=source.ref.describe(),

@@ -258,7 +258,8 @@ def test_hostile_symlinks_through_git_stay_links(tmp_path: Path) -> None:
     link = checkout.tree / "confext/base/etc/passwd"
     assert link.is_symlink() and os.readlink(link) == "/etc/shadow"
     repo.commit({"units/evil.service": Link("/etc/shadow")})
-    with pytest.raises(LayoutError, match=r"units/evil\.service"):
+    with pytest.raises(LayoutError, match=r"units/evil\.service") as caught:
         source.sync(make_spec(repo.file_url()))
+    assert caught.value.revision == f"main@sha1:{repo.head()}"
     assert os.readlink(TenantPaths(config, "t1").revision(repo.head()) / "units/evil.service")
     assert checkout.commit == commit

@@ -42,6 +42,7 @@ def refused(source: GitSource, spec: Any, paths: TenantPaths, commit: str) -> So
         source.sync(spec)
     assert caught.value.reason == "UnverifiedCommit"
     assert commit in caught.value.message
+    assert caught.value.revision == f"main@sha1:{commit}"
     assert not paths.revision(commit).exists(), "an unverified commit is never checked out"
     return caught.value
 
