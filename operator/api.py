@@ -48,12 +48,24 @@ def _positive_quantity(value: str | int) -> str | int:
     return value
 
 
+_POSITIVE_QUANTITY_RULE = (
+    "type(self) == int ? self > 0 : "
+    r"!self.matches('^[+]?0*(\\.0*)?([eE][+-]?[0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$')"
+)
+
 Quantity = Annotated[
     str | int,
     AfterValidator(lambda v: (parse_quantity(v), v)[1]),
     AfterValidator(_positive_quantity),
     Field(
-        json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN},
+        json_schema_extra={
+            "x-kubernetes-int-or-string": True,
+            "pattern": QUANTITY_PATTERN,
+            # _positive_quantity for the API server: the pattern alone admits 0 and -1.
+            "x-kubernetes-validations": [
+                {"rule": _POSITIVE_QUANTITY_RULE, "message": "must be greater than zero"}
+            ],
+        },
     ),
 ]
 

@@ -86,3 +86,18 @@ def test_short_revision_follows_the_applied_revision(
     status = TenantStatus(applied_revision=applied, short_revision="stale")
     assert status.short_revision == short
     assert TenantStatus.model_validate(status.wire()).short_revision == short
+
+
+@pytest.mark.parametrize(
+    "memory", [0, "0", "0Mi", "0.0", ".0", -5, "-1Gi", "1x", 1, "500m", "0.5", "10Gi", "1e3"]
+)
+def test_crd_and_models_agree_on_quantities(crd: Obj, schema: Obj, memory: object) -> None:
+    obj = _broken("spec.resources.memory", memory)
+    try:
+        Tenant.from_object(obj)
+        model_accepts = True
+    except ValidationError:
+        model_accepts = False
+    result = admit(ResourceType.from_crd(crd), copy.deepcopy(obj))
+    crd_accepts = not result.errors and not cel_violations(schema, obj)
+    assert crd_accepts == model_accepts
