@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -169,7 +170,7 @@ def copy_file(
     """
     if "/" in name or name in ("", ".", ".."):
         raise UnsafePath(f"invalid file name {name!r}")
-    tmp = f".{name}.tmp{os.getpid()}"
+    tmp = f".{name}.{secrets.token_hex(6)}.tmp"
     with (
         fd_closing(open_file(src_root, rel)) as src,
         fd_closing(open_dir(dst_dir)) as dfd,

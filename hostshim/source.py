@@ -55,6 +55,10 @@ class CorruptRepository(SourceError):
     reason = "CorruptRepository"
 
 
+class LocalCorruption(CorruptRepository):
+    """The shim's own copy is damaged (disk, crash): recovered by cloning again."""
+
+
 class SourceNotAllowed(SourceError):
     reason = "SourceNotAllowed"
 
@@ -106,8 +110,8 @@ class GitSource:
         self._check_allowed(source.url)
         try:
             return self._sync(spec, source)
-        except CorruptRepository as exc:
-            # Local objects went bad (disk, crash): start from an empty repo once.
+        except LocalCorruption as exc:
+            # Start from an empty repository, once; a corrupt remote is reported as it is.
             log.warning("%s: %s; re-cloning the repository", self.paths.name, exc.message)
             safepath.remove_tree(self.paths.repo)
             return self._sync(spec, source)
@@ -176,7 +180,7 @@ class GitSource:
         try:
             return pygit2.Repository(str(path))
         except pygit2.GitError as exc:
-            raise CorruptRepository(f"the local repository is unreadable: {exc}") from exc
+            raise LocalCorruption(f"the local repository is unreadable: {exc}") from exc
 
     def _check_allowed(self, url: str) -> None:
         """file:// only under the configured roots: a tenant must not read the host's repos."""
@@ -282,7 +286,7 @@ def _local(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except (pygit2.GitError, KeyError) as exc:
-        raise CorruptRepository(f"the local repository is damaged: {exc}") from exc
+        raise LocalCorruption(f"the local repository is damaged: {exc}") from exc
 
 
 def _target(repo: pygit2.Repository, name: str) -> tuple[str, str] | None:

@@ -81,8 +81,12 @@ def test_source_path_selects_a_subfolder(tmp_path: Path) -> None:
     found = load_layout(root, spec(path="hosts/web"))
     assert found.root == root / "hosts/web" and set(found.units) == {"hello.service"}
     assert "hosts/db" in error_for(root, spec(path="hosts/db"))
-    with pytest.raises(pydantic.ValidationError):
-        spec(path="../etc")
+    for hostile in ({"path": "../etc"}, {"path": "a/../../b"}, {"path": "/etc"}):
+        with pytest.raises(pydantic.ValidationError):
+            spec(**hostile)
+    for name in ("..", "../x", "a/b", ".hidden"):
+        with pytest.raises(pydantic.ValidationError):
+            spec(extensions=[{"name": name, "type": "confext"}])
 
 
 @pytest.mark.parametrize(

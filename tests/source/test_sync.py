@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import socket
@@ -155,7 +156,11 @@ def test_file_url_outside_allowed_roots_is_refused(
 
 
 def test_corrupt_local_objects_are_recovered_by_recloning(
-    file_remote: Remote, repo: TenantRepo, source: GitSource, paths: TenantPaths
+    file_remote: Remote,
+    repo: TenantRepo,
+    source: GitSource,
+    paths: TenantPaths,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     first = repo.commit(BASIC_LAYOUT)
     source.sync(file_remote.spec())
@@ -165,21 +170,25 @@ def test_corrupt_local_objects_are_recovered_by_recloning(
             obj.write_bytes(b"garbage")
     for rev in paths.revisions.iterdir():
         shutil.rmtree(rev)
-    checkout = source.sync(file_remote.spec())
+    with caplog.at_level(logging.WARNING):
+        checkout = source.sync(file_remote.spec())
+    assert "re-cloning" in caplog.text
     assert checkout.commit == first
     assert files_of(checkout.tree) == repo.tree_files(first)
 
 
 def test_corrupt_remote_is_corrupt_repository(
-    file_remote: Remote, repo: TenantRepo, source: GitSource
+    file_remote: Remote, repo: TenantRepo, source: GitSource, caplog: pytest.LogCaptureFixture
 ) -> None:
     repo.commit(BASIC_LAYOUT)
     blob = git("rev-parse", "HEAD:confext/base/etc/motd", cwd=repo.work)
     loose = repo.bare / "objects" / blob[:2] / blob[2:]
     loose.chmod(0o644)
     loose.write_bytes(b"not zlib")
-    error = reason_of(source, file_remote.spec())
+    with caplog.at_level(logging.WARNING):
+        error = reason_of(source, file_remote.spec())
     assert error.reason == "CorruptRepository", error
+    assert "re-cloning" not in caplog.text, "a corrupt remote is not a reason to drop our copy"
 
 
 @pytest.fixture
