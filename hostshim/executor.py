@@ -49,6 +49,11 @@ class Executor(Protocol):
     def running(self) -> list[str]: ...
 
 
+def in_cgroups(procs_files: list[Path], argv: list[str]) -> list[str]:
+    """`argv` wrapped so its process joins the cgroups (cgroup.procs files) before it execs."""
+    return ["/bin/sh", "-c", _ENTER_CGROUPS, "bb-enter", *map(str, procs_files), "--", *argv]
+
+
 def shim_scope(config: ShimConfig) -> str:
     """Tells apart host-global names (cgroups, links) of shims with different runtime dirs."""
     return hashlib.sha256(str(config.runtime_dir.resolve()).encode()).hexdigest()[:8]
@@ -113,11 +118,10 @@ class DirectExecutor:
             raise
 
     def _spawn(self, name: str, argv: list[str], cgroups: MachineCgroups, log: Path) -> int:
-        procs = [str(p) for p in cgroups.procs_files()]
         log.parent.mkdir(parents=True, exist_ok=True)
         with log.open("ab") as out:
             proc = subprocess.Popen(
-                ["/bin/sh", "-c", _ENTER_CGROUPS, "bb-enter", *procs, "--", *argv],
+                in_cgroups(cgroups.procs_files(), argv),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
