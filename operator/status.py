@@ -316,15 +316,23 @@ def transition_events(previous: TenantStatus | None, new: TenantStatus) -> list[
             "Warning" if new.phase is TenantPhase.failed else "Normal"
         )
         events.append(Event(kind, new.phase.value, f"phase {prev.phase or '-'} -> {new.phase}"))
-    for cond in new.conditions:
-        if cond.type == "Reconciling":
+    # The specific conditions first: one problem shows in several conditions (SourceReady,
+    # Stalled, Ready) but is one event.
+    told: set[str] = set()
+    for type_ in ("SourceReady", "MachineReady", "Stalled", "Ready"):
+        cond = find_condition(new, type_)
+        old = find_condition(prev, type_)
+        if cond is None or (
+            old is not None and (old.status, old.reason) == (cond.status, cond.reason)
+        ):
             continue
-        old = find_condition(prev, cond.type)
-        if old is not None and (old.status, old.reason) == (cond.status, cond.reason):
-            continue
-        bad = cond.status == ("True" if cond.type == "Stalled" else "False")
-        if old is None and not bad:
-            continue  # a fresh tenant: only its problems are news
-        message = f"{cond.type}={cond.status}: {cond.message or cond.reason}"
-        events.append(Event("Warning" if bad else "Normal", cond.reason, message))
+        bad = cond.status == ("True" if type_ == "Stalled" else "False")
+        if (old is None or type_ == "Stalled") and not bad:
+            continue  # a fresh tenant's good news is the phase; Stalled=False is Ready's news
+        body = cond.message or cond.reason
+        if body not in told:
+            told.add(body)
+            events.append(
+                Event("Warning" if bad else "Normal", cond.reason, f"{type_}={cond.status}: {body}")
+            )
     return events

@@ -111,8 +111,20 @@ def test_bad_commit_stalls_while_the_last_good_revision_keeps_running(tenant: Te
     assert f"still running main@sha1:{SHA_A}" in source.message
     assert s.applied_revision == f"main@sha1:{SHA_A}"
     events = transition_events(good, s)
-    assert {(e.type, e.reason) for e in events} >= {("Warning", "LayoutError")}
-    assert all(e.type == "Warning" for e in events)
+    assert [(e.type, e.reason) for e in events] == [
+        ("Warning", "LayoutError")
+    ]  # one problem, one event
+    assert events[0].message.startswith("SourceReady=False: revision " + SHA_B)
+    fixed = status(
+        tenant, machine(source_revision=f"main@sha1:{SHA_B}", applied_revision=SHA_B), previous=s
+    )
+    recovery = transition_events(s, fixed)
+    assert [e.message.split(":")[0] for e in recovery] == [
+        "applied main@sha1",
+        "SourceReady=True",
+        "Ready=True",
+    ]
+    assert all(e.type == "Normal" for e in recovery)
 
 
 def test_no_good_revision_yet_is_failed(tenant: Tenant) -> None:
