@@ -341,6 +341,22 @@ class Link:
 Content = str | bytes | Link
 
 
+def write_files(root: Path, files: dict[str, Content]) -> Path:
+    """Create (or replace) files, folders on the way and symlinks below `root`; returns root."""
+    for rel, content in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+        if isinstance(content, Link):
+            path.symlink_to(content.target)
+        elif isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(content)
+    return root
+
+
 class TenantRepo:
     """A work tree whose commits are pushed to `<base>/<name>`, the bare repo servers export."""
 
@@ -356,17 +372,7 @@ class TenantRepo:
         return f"file://{self.bare}"
 
     def write(self, files: dict[str, Content]) -> None:
-        for rel, content in files.items():
-            path = self.work / rel
-            path.parent.mkdir(parents=True, exist_ok=True)
-            if path.is_symlink() or path.is_file():
-                path.unlink()
-            if isinstance(content, Link):
-                path.symlink_to(content.target)
-            elif isinstance(content, bytes):
-                path.write_bytes(content)
-            else:
-                path.write_text(content)
+        write_files(self.work, files)
 
     def remove(self, *rels: str) -> None:
         git("rm", "-r", "-q", "--", *rels, cwd=self.work)

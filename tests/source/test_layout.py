@@ -18,6 +18,7 @@ from bitbuilder.hostshim.api import MachineSpec
 from bitbuilder.hostshim.errors import LayoutError
 from bitbuilder.hostshim.layout import load_layout
 from tests.helpers.gitserve import Content, Link, TenantRepo
+from tests.helpers.gitserve import write_files as build
 from tests.source.conftest import BASIC_LAYOUT, make_spec
 
 SECRET = "TOPSECRET-host-only\n"
@@ -26,21 +27,6 @@ SECRET = "TOPSECRET-host-only\n"
 def spec(**kw: Any) -> MachineSpec:
     kw.setdefault("repo_settings", ("hostname", "environment"))
     return make_spec("https://git.example/t.git", **kw)
-
-
-def build(root: Path, files: dict[str, Content]) -> Path:
-    for rel, content in files.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if path.is_symlink() or path.is_file():
-            path.unlink()
-        if isinstance(content, Link):
-            path.symlink_to(content.target)
-        elif isinstance(content, bytes):
-            path.write_bytes(content)
-        else:
-            path.write_text(content)
-    return root
 
 
 def error_for(tree: Path, machine: MachineSpec | None = None, **kw: Any) -> str:
