@@ -280,6 +280,10 @@ def run_demo(workdir: Path | None, keep: bool) -> int:
     except DemoError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if workdir is not None and workdir.exists() and any(workdir.iterdir()):
+        # the clean-up removes the whole folder: never one that holds something else
+        print(f"error: --workdir {workdir} is not empty", file=sys.stderr)
+        return 2
     work = workdir or Path(tempfile.mkdtemp(prefix="bitbuilder-demo-", dir="/var/tmp"))
     work.mkdir(parents=True, exist_ok=True)
     say(f"BitBuilder demo in {work}")

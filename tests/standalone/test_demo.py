@@ -1,0 +1,55 @@
+"""`bitbuilder demo` end to end: what the README promises, and that it cleans up after itself."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.standalone.conftest import BIN, REAL_HOST
+
+pytestmark = [*REAL_HOST, pytest.mark.slow]
+
+
+def test_demo_runs_the_story_and_leaves_nothing(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
+    done = subprocess.run(
+        [str(BIN / "bitbuilder"), "demo", "--workdir", str(work)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    out = done.stdout
+    assert done.returncode == 0, out + done.stderr
+    tables = re.findall(r"NAME +RUNTIME +PHASE +REVISION +NODE +READY +AGE\n((?: +\S.*\n)+)", out)
+    assert len(tables) == 3, out  # after start, after the update, after the rollback
+    revisions = []
+    for table in tables:
+        rows = {line.split()[0]: line.split() for line in table.splitlines()}
+        assert set(rows) == {"web", "api"}
+        assert all(r[2] == "Running" and r[5] == "True" for r in rows.values()), table
+        revisions.append((rows["web"][3], rows["api"][3]))
+    (web1, api1), (web2, api2), (web3, api3) = revisions
+    assert api1 == api2 == api3  # the other tenant is untouched
+    assert len({web1, web2, web3}) == 3  # v1, the change, the revert commit
+    assert out.count("inside web: /etc/motd says: web v1") == 2
+    assert out.count("inside web: /etc/motd says: web v2") == 1
+    assert "update of web running" in out and "rollback of web running" in out
+    assert not work.exists()  # cleaned up
+    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout
+    assert left == "", f"processes left behind: {left}"
+    assert str(work) not in Path("/proc/mounts").read_text()
+
+
+def test_demo_refuses_a_folder_that_holds_something(tmp_path: Path) -> None:
+    (tmp_path / "precious").write_text("keep me")
+    done = subprocess.run(
+        [str(BIN / "bitbuilder"), "demo", "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2 and "not empty" in done.stderr
+    assert (tmp_path / "precious").read_text() == "keep me"
