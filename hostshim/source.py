@@ -34,6 +34,7 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_MS = 5_000  # TCP connect; an unreachable host fails in seconds, not minutes
 IO_TIMEOUT_MS = 30_000  # a server that stalls mid-conversation
 ORIGIN_BRANCH = "refs/remotes/origin/"
+URL_KEY = "bitbuilder.url"  # the remote this repository mirrors
 ALL_REFS = ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"]
 _OS_RELEASE = ("usr/lib/os-release", "etc/os-release")
 
@@ -95,7 +96,7 @@ class GitSource:
         self._check_allowed(spec.url)
         if spec.ref.commit:
             return spec.ref.commit
-        repo = self._open()
+        repo = self._open(spec.url)
         try:
             direct, peeled = self._advertised(repo, spec)
         finally:
@@ -136,7 +137,7 @@ class GitSource:
     # --- steps --------------------------------------------------------------------------------
 
     def _sync(self, spec: MachineSpec, source: SourceSpec) -> Checkout:
-        repo = self._open()
+        repo = self._open(source.url)
         try:
             return self._sync_repo(repo, spec, source)
         finally:
@@ -172,15 +173,23 @@ class GitSource:
             forced_from=forced_from,
         )
 
-    def _open(self) -> pygit2.Repository:
+    def _open(self, url: str) -> pygit2.Repository:
+        """The tenant's bare repo for `url`; a repo of another URL is dropped, so a commit
+        pinned by a spec is only ever found if this remote had it."""
         path = self.paths.repo
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return pygit2.init_repository(str(path), bare=True)
-        try:
-            return pygit2.Repository(str(path))
-        except pygit2.GitError as exc:
-            raise LocalCorruption(f"the local repository is unreadable: {exc}") from exc
+        if path.exists():
+            try:
+                repo = pygit2.Repository(str(path))
+            except pygit2.GitError as exc:
+                raise LocalCorruption(f"the local repository is unreadable: {exc}") from exc
+            if URL_KEY in repo.config and repo.config[URL_KEY] == url:
+                return repo
+            repo.free()
+            safepath.remove_tree(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        repo = pygit2.init_repository(str(path), bare=True)
+        repo.config[URL_KEY] = url
+        return repo
 
     def _check_allowed(self, url: str) -> None:
         """file:// only under the configured roots: a tenant must not read the host's repos."""

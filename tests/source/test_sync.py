@@ -16,10 +16,11 @@ import pytest
 
 from bitbuilder.hostshim import source as source_module
 from bitbuilder.hostshim.api import GitCredentials
+from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import SourceError
-from bitbuilder.hostshim.paths import TenantPaths
+from bitbuilder.hostshim.paths import ImagePaths, TenantPaths
 from bitbuilder.hostshim.source import GitSource
-from tests.helpers.gitserve import TenantRepo, closed_port, git, ssh_keygen
+from tests.helpers.gitserve import Link, TenantRepo, closed_port, git, ssh_keygen, write_files
 from tests.source.conftest import BASIC_LAYOUT, Remote, make_spec, serve
 
 
@@ -113,6 +114,41 @@ def test_commit_not_reachable_from_remote_refs_is_refused(
     git("gc", "-q", "--prune=now", cwd=repo.bare)
     error = reason_of(source, file_remote.spec(ref={"commit": orphan}))
     assert error.reason == "RefNotFound" and "not reachable" in error.message
+
+
+def test_a_new_url_does_not_see_commits_of_the_old_one(
+    file_remote: Remote, repo: TenantRepo, source: GitSource, served: Path
+) -> None:
+    mine = repo.commit(BASIC_LAYOUT)
+    assert source.sync(file_remote.spec(ref={"commit": mine})).commit == mine
+    other = TenantRepo(served, "other.git")
+    other.commit({"units/other.service": "[Service]\n"})
+    error = reason_of(source, make_spec(other.file_url(), ref={"commit": mine}))
+    assert error.reason == "RefNotFound"
+    assert set(source.sync(make_spec(other.file_url())).layout.units) == {"other.service"}
+
+
+def test_extension_release_id_must_match_the_image(
+    file_remote: Remote, repo: TenantRepo, source: GitSource, config: ShimConfig
+) -> None:
+    rootfs = ImagePaths(config, "base").rootfs
+    write_files(
+        rootfs,
+        {"usr/lib/os-release": "ID=debian\n", "etc/os-release": Link("../usr/lib/os-release")},
+    )
+    release = "sysext/tools/usr/lib/extension-release.d/extension-release.tools"
+    repo.commit({**BASIC_LAYOUT, release: "ID=fedora\n"})
+    error = reason_of(source, file_remote.spec())
+    assert error.message.startswith(release) and "(ID=debian" in error.message
+    good = repo.commit({release: "ID=debian\n"})
+    assert source.sync(file_remote.spec()).commit == good
+
+    # the image's os-release is read inside the image only: a link to the host's is not followed
+    (rootfs / "usr/lib/os-release").unlink()
+    (rootfs / "etc/os-release").unlink()
+    (rootfs / "etc/os-release").symlink_to("/etc/os-release")
+    unchecked = repo.commit({release: "ID=not-the-host\n"})
+    assert source.sync(file_remote.spec()).commit == unchecked
 
 
 def test_closed_port_is_source_unreachable_quickly(source: GitSource) -> None:
