@@ -128,6 +128,17 @@ class RealShim:
         self.stop()
         self.start()
 
+    def stop_all(self) -> None:
+        """Stop the shim and every machine it may have left (even half-started ones)."""
+        self.stop()
+        runner = build_manager(self.config).runner
+        names: set[str] = set()
+        for folder in (self.config.state_dir / "tenants", self.config.runtime_dir / "machines"):
+            if folder.is_dir():
+                names.update(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        for name in sorted(names):
+            runner.stop(name)
+
 
 def real_config(tmp_path: Path, **overrides: Any) -> ShimConfig:
     """Real components under tmp_path: file:// repos allowed under tmp_path/served, images
@@ -148,6 +159,4 @@ def real_shim(tmp_path: Path) -> Iterator[RealShim]:
     try:
         yield shim
     finally:
-        shim.stop()
-        for name in shim.manager.runner.adopt():  # machines a failed test left behind
-            shim.manager.runner.stop(name)
+        shim.stop_all()

@@ -1,0 +1,118 @@
+"""Commit pushed -> new revision running, in standalone mode (run as root; not part of pytest):
+
+    /opt/bb-venv/bin/python -m tests.bench.bench_standalone [--commits 20] [--interval 2s]
+
+Three ways a tenant learns about a commit, each measured from `git push` of the tenant repo to
+`bitbuilder run` reporting the new revision Running (real shim, real nspawn, git daemon):
+  poll     the tenant's own spec.source.interval (--interval)
+  request  the standalone equivalent of the reconcile-request annotation: the fleet commits
+           `bitbuilder.io/reconcile-requested-at` on the Tenant (fleet polled every 500ms)
+  webhook  a signed push webhook (tenant interval 1h, so only the webhook can explain it)
+Prints p50/p95/min/max per path. Everything runs under a temp dir that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+import urllib.request
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bitbuilder.operator.api import RECONCILE_REQUESTED_ANNOTATION
+from bitbuilder.operator.webhook import sign
+from tests.helpers.gitserve import git_daemon
+from tests.helpers.rootfs import cached_busybox_rootfs
+from tests.helpers.wait import wait_for
+from tests.standalone.conftest import WEBHOOK_SECRET, Host, motd, tenant_manifest
+
+HOUR = "1h"
+
+
+def manifests(host: Host, interval: str, annotation: str | None = None) -> dict[str, object]:
+    request = tenant_manifest("request", host.url("request"), HOUR)
+    if annotation is not None:
+        request["metadata"]["annotations"] = {RECONCILE_REQUESTED_ANNOTATION: annotation}
+    return {
+        "poll.yaml": tenant_manifest("poll", host.url("poll"), interval),
+        "request.yaml": request,
+        "webhook.yaml": tenant_manifest("webhook", host.url("webhook"), HOUR),
+    }
+
+
+def measure(host: Host, name: str, commits: int, after_push: Callable[[], None]) -> list[float]:
+    samples = []
+    for i in range(commits):
+        started = time.perf_counter()
+        commit = host.repos[name].commit(motd(f"{name} {i}"), f"change {i}")
+        after_push()
+        wait_for(lambda c=commit: host.applied(name) == c, timeout=120, interval=0.01, what=name)
+        samples.append(time.perf_counter() - started)
+    return samples
+
+
+def post_webhook(host: Host) -> None:
+    body = json.dumps({"repository": {"clone_url": host.url("webhook")}}).encode()
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{host.webhook_port}/hook",
+        data=body,
+        headers={"X-Hub-Signature-256": "sha256=" + sign(WEBHOOK_SECRET, body)},
+        method="POST",
+    )
+    with urllib.request.urlopen(request, timeout=10) as reply:
+        assert reply.status == 202
+
+
+def report(path: str, samples: list[float]) -> str:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return (
+        f"{path:<8} n={len(samples):<3} p50={statistics.median(ordered):6.2f}s "
+        f"p95={p95:6.2f}s min={ordered[0]:6.2f}s max={ordered[-1]:6.2f}s"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--commits", type=int, default=20)
+    parser.add_argument("--interval", default="2s", help="the poll path's spec.source.interval")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-standalone-") as tmp:
+        root = Path(tmp)
+        rootfs = cached_busybox_rootfs(Path("/var/tmp/bitbuilder-bench-rootfs"))
+        (root / "git").mkdir()
+        with git_daemon(root / "git") as server:
+            host = Host(root, server, rootfs)
+            try:
+                host.start_shim()
+                firsts = {
+                    n: host.tenant_repo(n, f"{n} start").head()
+                    for n in ("poll", "request", "webhook")
+                }
+                host.commit_fleet(manifests(host, args.interval))
+                host.start_reconciler(webhook=True)
+                for name, commit in firsts.items():
+                    host.wait_applied(name, commit, timeout=120)
+
+                def request() -> None:
+                    stamp = datetime.now(UTC).isoformat()
+                    host.commit_fleet(manifests(host, args.interval, stamp))
+
+                results = {
+                    "poll": measure(host, "poll", args.commits, lambda: None),
+                    "request": measure(host, "request", args.commits, request),
+                    "webhook": measure(host, "webhook", args.commits, lambda: post_webhook(host)),
+                }
+            finally:
+                host.teardown()
+    print(f"commit pushed -> new revision Running (standalone; poll interval {args.interval})")
+    for path, samples in results.items():
+        print(report(path, samples))
+
+
+if __name__ == "__main__":
+    main()
