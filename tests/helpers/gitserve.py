@@ -12,6 +12,7 @@ import base64
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import threading
@@ -219,11 +220,19 @@ class _GitHttpServer(ThreadingHTTPServer):
 
 
 @contextmanager
-def http_server(base: Path, auth: tuple[str, str] | None = None) -> Iterator[Server]:
-    """Smart HTTP through `git http-backend`; with `auth`, HTTP basic auth is required."""
+def http_server(
+    base: Path, auth: tuple[str, str] | None = None, tls: tuple[Path, Path] | None = None
+) -> Iterator[Server]:
+    """Smart HTTP through `git http-backend`; with `auth`, HTTP basic auth is required; with
+    `tls` (certificate, key), HTTPS."""
     httpd = _GitHttpServer(("127.0.0.1", 0), _CgiHandler)
+    if tls is not None:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(*tls)
+        httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
     port = int(httpd.server_address[1])
-    httpd.info = Server(base=base, scheme="http", port=port, log=base.parent / "http.log")
+    scheme = "https" if tls else "http"
+    httpd.info = Server(base=base, scheme=scheme, port=port, log=base.parent / "http.log")
     httpd.auth = auth
     thread = threading.Thread(target=httpd.serve_forever, name=f"git-http-{port}", daemon=True)
     thread.start()
@@ -233,6 +242,16 @@ def http_server(base: Path, auth: tuple[str, str] | None = None) -> Iterator[Ser
         httpd.shutdown()
         httpd.server_close()
         thread.join(timeout=10)
+
+
+def self_signed_cert(folder: Path) -> tuple[Path, Path]:
+    """A certificate for 127.0.0.1 that no CA vouches for: (certificate, key)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    argv = ["openssl", "req", "-x509", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1"]
+    argv += ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    argv += ["-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)]
+    subprocess.run(argv, check=True, capture_output=True)
+    return cert, key
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pygit2
 import pytest
 
+from bitbuilder.hostshim.api import GitCredentials
+from bitbuilder.hostshim.errors import SourceError
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.source import GitSource
-from tests.helpers.gitserve import TenantRepo
-from tests.source.conftest import BASIC_LAYOUT, Remote
+from tests.helpers.gitserve import TenantRepo, http_server, self_signed_cert
+from tests.source.conftest import BASIC_LAYOUT, Remote, make_spec
 
 
 def server_round_trips(remote: Remote) -> int:
@@ -67,10 +72,6 @@ def test_sync_checks_out_follows_and_skips_fetch_when_unchanged(
 def test_http_basic_auth_wrong_password_is_authentication_failed(
     remote: Remote, repo: TenantRepo, source: GitSource
 ) -> None:
-    from bitbuilder.hostshim.api import GitCredentials
-    from bitbuilder.hostshim.errors import SourceError
-    from tests.source.conftest import make_spec
-
     repo.commit(BASIC_LAYOUT)
     wrong = "not-the-password"
     spec = make_spec(remote.url, credentials=GitCredentials(username="tenant", password=wrong))
@@ -82,3 +83,24 @@ def test_http_basic_auth_wrong_password_is_authentication_failed(
     with pytest.raises(SourceError) as caught:
         source.sync(no_creds)
     assert caught.value.reason == "AuthenticationFailed"
+
+
+def test_https_certificate_is_checked(
+    repo: TenantRepo, source: GitSource, served: Path, tmp_path: Path
+) -> None:
+    commit = repo.commit(BASIC_LAYOUT)
+    cert, key = self_signed_cert(tmp_path)
+    with http_server(served, tls=(cert, key)) as https:
+        spec = make_spec(https.url(repo.bare.name))
+        with pytest.raises(SourceError) as caught:
+            source.sync(spec)
+        assert caught.value.reason == "AuthenticationFailed"
+        assert "TLS certificate is not trusted" in caught.value.message
+        assert not https.requests, "nothing is sent before the certificate is trusted"
+
+        default_file, default_dir = pygit2.settings.ssl_cert_file, pygit2.settings.ssl_cert_dir
+        pygit2.settings.set_ssl_cert_locations(str(cert), None)
+        try:
+            assert source.sync(spec).commit == commit
+        finally:
+            pygit2.settings.set_ssl_cert_locations(default_file, default_dir)
