@@ -99,6 +99,7 @@ def test_https_certificate_is_checked(
         assert not https.requests, "nothing is sent before the certificate is trusted"
 
         default_file, default_dir = pygit2.settings.ssl_cert_file, pygit2.settings.ssl_cert_dir
+        assert default_dir is not None  # the system CA folder, restored below
         pygit2.settings.set_ssl_cert_locations(str(cert), None)
         try:
             assert source.sync(spec).commit == commit
