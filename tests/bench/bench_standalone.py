@@ -27,7 +27,6 @@ from bitbuilder.operator.api import RECONCILE_REQUESTED_ANNOTATION
 from bitbuilder.operator.webhook import sign
 from tests.helpers.gitserve import git_daemon
 from tests.helpers.rootfs import cached_busybox_rootfs
-from tests.helpers.wait import wait_for
 from tests.standalone.conftest import WEBHOOK_SECRET, Host, motd, tenant_manifest
 
 HOUR = "1h"
@@ -50,7 +49,7 @@ def measure(host: Host, name: str, commits: int, after_push: Callable[[], None])
         started = time.perf_counter()
         commit = host.repos[name].commit(motd(f"{name} {i}"), f"change {i}")
         after_push()
-        wait_for(lambda c=commit: host.applied(name) == c, timeout=120, interval=0.01, what=name)
+        host.wait_applied(name, commit, timeout=120, interval=0.01)
         samples.append(time.perf_counter() - started)
     return samples
 

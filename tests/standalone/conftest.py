@@ -158,10 +158,15 @@ class Host:
             return None
         return status.applied_revision.rpartition("sha1:")[2]
 
-    def wait_applied(self, name: str, commit: str, timeout: float = 60) -> None:
+    def wait_applied(
+        self, name: str, commit: str, timeout: float = 60, interval: float = 0.05
+    ) -> None:
         self.procs.check()
         wait_for(
-            lambda: self.applied(name) == commit, timeout=timeout, what=f"{name} at {commit[:7]}"
+            lambda: self.applied(name) == commit,
+            timeout=timeout,
+            interval=interval,
+            what=f"{name} at {commit[:7]}",
         )
 
     def get_tenants(self) -> subprocess.CompletedProcess[str]:
