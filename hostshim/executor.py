@@ -113,7 +113,7 @@ class DirectExecutor:
         try:
             return self._spawn(name, argv, cgroups, log)
         except BaseException:
-            cgroups.kill_all()
+            self._empty(cgroups)
             cgroups.remove()
             raise
 
