@@ -1,7 +1,8 @@
 """Git credentials for one tenant: files under TenantPaths.credentials, pygit2 callbacks.
 
 Secrets never reach a log or an error message: failures are reported as "authentication
-failed" without the username, password or key. SSH host keys are always checked against the
+failed" without the password or key. The SSH private key stays in memory (libssh2 takes it
+from a buffer); the only file is known_hosts (folder 0700, file 0600). SSH host keys are always checked against the
 spec's known_hosts: libgit2 reads `$HOME/.ssh/known_hosts`, so while an SSH operation runs the
 libgit2 home directory points at the tenant's credentials folder (a process-wide setting,
 hence the lock).
