@@ -21,6 +21,7 @@ from bitbuilder.hostshim.api import ImageSpec, MachinePhase, MachineStatus
 from bitbuilder.operator.demohost import Processes, free_port, wait_port
 from bitbuilder.operator.localstate import LocalState
 from bitbuilder.operator.shimclient import ShimClient
+from bitbuilder.operator.status import find_condition
 from tests.helpers.gitserve import Content, Server, TenantRepo, git_daemon
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
@@ -134,9 +135,11 @@ class Host:
 
     # --- the reconciler -----------------------------------------------------------------------
 
-    def start_reconciler(self, webhook: bool = False) -> None:
+    def start_reconciler(self, webhook: bool = False, secrets: Path | None = None) -> None:
         argv = [str(BIN / "bitbuilder"), "run", "--fleet", self.url("fleet"), "--fleet-interval",
                 "500ms", "--socket", str(self.socket), "--state-dir", str(self.state.root)]  # fmt: skip
+        if secrets is not None:
+            argv += ["--secrets-dir", str(secrets)]
         if webhook:
             secret = self.root / "webhook.secret"
             secret.write_bytes(WEBHOOK_SECRET)
@@ -146,6 +149,11 @@ class Host:
         proc = self.procs.start("reconciler", argv)
         if webhook:
             wait_port(self.webhook_port, proc)
+
+    def condition(self, name: str, type_: str) -> tuple[str, str, str] | None:
+        record = self.state.load(name)
+        cond = find_condition(record.status if record else None, type_)
+        return None if cond is None else (cond.status, cond.reason, cond.message)
 
     def reconciler_log(self) -> str:
         return (self.procs.logs / "reconciler.log").read_text(errors="replace")
