@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -143,17 +142,22 @@ class Driver:
             )
             schedule.wake.set()
 
-    async def poll(self, body: kopf.Body, logger: Logger) -> None:
-        """The per-tenant daemon: sync whenever the schedule says so, until kopf cancels it."""
+    async def poll(self, body: kopf.Body, stopped: Any, logger: Logger) -> None:
+        """The per-tenant daemon: sync whenever the schedule says so, until kopf stops it."""
         schedule = self._schedule(body["metadata"]["name"])
-        while True:
+        while not stopped:
             loop = asyncio.get_running_loop()
             # Until the first handler pass has scheduled us, wait for it (or a long while).
             delay = NO_SOURCE_INTERVAL if schedule.due is None else schedule.due - loop.time()
             if delay > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(schedule.wake.wait(), delay)
-                if schedule.wake.is_set():
+                waits = {
+                    asyncio.ensure_future(schedule.wake.wait()),
+                    asyncio.ensure_future(stopped.wait()),
+                }
+                await asyncio.wait(waits, timeout=delay, return_when=asyncio.FIRST_COMPLETED)
+                for waiting in waits:
+                    waiting.cancel()
+                if schedule.wake.is_set() or stopped:
                     schedule.wake.clear()
                     continue
             await self.sync(body, logger)
@@ -204,7 +208,32 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.peering.standalone = True
 
 
-def build_registry(driver: Driver, login: Login = kopf.login_via_client) -> kopf.OperatorRegistry:
+def client_login(api: k8s.ApiClient) -> Login:
+    """A kopf login handler using the official client's configuration (loaded once, in-cluster
+    or from a kubeconfig), so kopf and our status/secret calls use the same credentials."""
+
+    def login(**_: Any) -> kopf.ConnectionInfo:
+        config = api.configuration
+        header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix(
+            "authorization"
+        )
+        scheme, _sep, token = (header or "").rpartition(" ")
+        return kopf.ConnectionInfo(
+            server=config.host,
+            ca_path=config.ssl_ca_cert,
+            insecure=not config.verify_ssl,
+            username=config.username or None,
+            password=config.password or None,
+            scheme=scheme or None,
+            token=token or None,
+            certificate_path=config.cert_file,
+            private_key_path=config.key_file,
+        )
+
+    return login
+
+
+def build_registry(driver: Driver, login: Login) -> kopf.OperatorRegistry:
     """The handlers, registered on a registry of their own (so tests can run several)."""
     registry = kopf.OperatorRegistry()
     tenants = (GROUP, VERSION, PLURAL)
@@ -214,8 +243,8 @@ def build_registry(driver: Driver, login: Login = kopf.login_via_client) -> kopf
     async def sync(body: kopf.Body, logger: Logger, **_: Any) -> None:
         await driver.sync(body, logger)
 
-    async def poll(body: kopf.Body, logger: Logger, **_: Any) -> None:
-        await driver.poll(body, logger)
+    async def poll(body: kopf.Body, stopped: Any, logger: Logger, **_: Any) -> None:
+        await driver.poll(body, stopped, logger)
 
     async def remove(body: kopf.Body, logger: Logger, **_: Any) -> None:
         await driver.remove(body, logger)

@@ -18,6 +18,7 @@ from bitbuilder.operator.handlers import (
     KubeSecrets,
     StatusWriter,
     build_registry,
+    client_login,
     run_operator,
 )
 from bitbuilder.operator.reconcile import Node
@@ -69,14 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_kube(kubeconfig: Path | None) -> k8s.ApiClient:
-    """In a pod: the service account; elsewhere: a kubeconfig. kopf logs in the same way."""
-    if kubeconfig is not None:
-        os.environ["KUBECONFIG"] = str(kubeconfig)
+    """In a pod: the service account; elsewhere: a kubeconfig ($KUBECONFIG, ~/.kube/config)."""
+    config = k8s.Configuration()
     if os.environ.get("KUBERNETES_SERVICE_HOST") and kubeconfig is None:
-        k8s_config.load_incluster_config()  # type: ignore[no-untyped-call]
+        k8s_config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]
     else:
-        k8s_config.load_kube_config()  # type: ignore[no-untyped-call]
-    return k8s.ApiClient()
+        path = str(kubeconfig) if kubeconfig else os.environ.get("KUBECONFIG") or None
+        k8s_config.load_kube_config(config_file=path, client_configuration=config)  # type: ignore[no-untyped-call]
+    return k8s.ApiClient(config)
 
 
 def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         node=Node(args.node_name, parse_labels(args.node_label)),
     )
     run_operator(
-        build_registry(driver),
+        build_registry(driver, client_login(api)),
         namespaces=args.namespace or None,
         liveness=args.liveness or None,
     )

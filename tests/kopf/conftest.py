@@ -6,10 +6,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
 
-import kopf
 import pytest
+from aiohttp import web
 from kubernetes import client as k8s
 
 from bitbuilder.operator.crd import tenant_crd
@@ -18,11 +17,13 @@ from bitbuilder.operator.handlers import (
     KubeSecrets,
     StatusWriter,
     build_registry,
+    client_login,
     run_operator,
 )
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
-from tests.helpers.fakeshim import FakeShim, running_fake_shim
+from tests.helpers.fakeshim import FakeShim
+from tests.helpers.fakeshim import _app as fake_shim_app
 from tests.helpers.kube_emulator import Emulator, EmulatorThread
 from tests.helpers.kube_http import Kube
 from tests.helpers.loop_thread import LoopThread
@@ -42,18 +43,39 @@ def kube(api: EmulatorThread) -> Kube:
     return Kube(api.url)
 
 
+class FakeShimServer:
+    """The in-memory shim (tests/helpers/fakeshim.py) on a unix socket, in its own thread;
+    down() and up() stop and restart its server (its state stays)."""
+
+    def __init__(self, socket: Path) -> None:
+        self.fake = FakeShim(socket)
+        self.thread = LoopThread("fake-shim")
+        self.runner: web.AppRunner | None = None
+
+    def up(self) -> None:
+        self.thread.call(self._up())
+
+    def down(self) -> None:
+        if self.runner is not None:
+            self.thread.call(self.runner.cleanup())
+            self.runner = None
+
+    async def _up(self) -> None:
+        self.runner = web.AppRunner(fake_shim_app(self.fake))
+        await self.runner.setup()
+        await web.UnixSite(self.runner, str(self.fake.socket)).start()
+
+
 @pytest.fixture
-def fake_shim(tmp_path: Path) -> Iterator[FakeShim]:
-    """The in-memory shim (tests/helpers/fakeshim.py) on a unix socket, in its own thread."""
-    loop = LoopThread("fake-shim")
-    loop.start()
-    context = running_fake_shim(tmp_path / "shim.sock")
-    fake = loop.call(context.__aenter__())
+def shim(tmp_path: Path) -> Iterator[FakeShimServer]:
+    server = FakeShimServer(tmp_path / "shim.sock")
+    server.thread.start()
+    server.up()
     try:
-        yield fake
+        yield server
     finally:
-        loop.call(context.__aexit__(None, None, None))
-        loop.stop()
+        server.down()
+        server.thread.stop()
 
 
 @contextmanager
@@ -63,13 +85,10 @@ def operator_thread(url: str, socket: Path) -> Iterator[Driver]:
     api = k8s.ApiClient(k8s.Configuration(host=url))
     driver = Driver(ShimClient(socket, timeout=5), KubeSecrets(api), StatusWriter(api), Node(NODE))
 
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        return kopf.ConnectionInfo(server=url, insecure=True)
-
     stop, ready = threading.Event(), threading.Event()
     thread = threading.Thread(
         target=run_operator,
-        args=(build_registry(driver, login=login),),
+        args=(build_registry(driver, client_login(api)),),
         kwargs={"stop_flag": stop, "ready_flag": ready},
         daemon=True,
         name="kopf",

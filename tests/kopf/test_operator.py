@@ -7,11 +7,10 @@ from typing import Any
 
 from bitbuilder.hostshim.api import ErrorInfo
 from bitbuilder.operator.api import FINALIZER, RECONCILE_REQUESTED_ANNOTATION
-from tests.helpers.fakeshim import FakeShim
 from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
-from tests.kopf.conftest import operator_thread
+from tests.kopf.conftest import FakeShimServer, operator_thread
 
 SHA_A, SHA_B = "a" * 40, "b" * 40
 
@@ -43,10 +42,10 @@ def status_where(kube: Kube, name: str, **wanted: Any) -> dict[str, Any] | None:
 
 
 def test_apply_runs_then_follows_spec_commits_and_problems(
-    api: EmulatorThread, kube: Kube, fake_shim: FakeShim
+    api: EmulatorThread, kube: Kube, shim: FakeShimServer
 ) -> None:
-    fake_shim.heads["web"] = SHA_A
-    with operator_thread(api.url, fake_shim.socket):
+    shim.fake.heads["web"] = SHA_A
+    with operator_thread(api.url, shim.fake.socket):
         kube.ok("POST", TENANTS, tenant())
         running = wait_for(
             lambda: status_where(kube, "web", phase="Running", observedGeneration=1),
@@ -61,10 +60,10 @@ def test_apply_runs_then_follows_spec_commits_and_problems(
         # A spec change: a new generation, observed once reconciled.
         kube.merge(f"{TENANTS}/web", {"spec": {"resources": {"memory": "64Mi"}}})
         wait_for(lambda: status_where(kube, "web", observedGeneration=2), what="generation 2")
-        assert fake_shim.specs["web"].resources.memory_bytes == 64 * 2**20
+        assert shim.fake.specs["web"].resources.memory_bytes == 64 * 2**20
 
         # A new commit, picked up at once through the annotation.
-        fake_shim.heads["web"] = SHA_B
+        shim.fake.heads["web"] = SHA_B
         request = {"metadata": {"annotations": {RECONCILE_REQUESTED_ANNOTATION: "1"}}}
         kube.merge(f"{TENANTS}/web", request)
         wait_for(
@@ -73,7 +72,7 @@ def test_apply_runs_then_follows_spec_commits_and_problems(
         )
 
         # A broken commit: Stalled, naming the problem, the previous revision still applied.
-        fake_shim.source_errors["web"] = ErrorInfo(
+        shim.fake.source_errors["web"] = ErrorInfo(
             reason="LayoutError",
             message="units/evil.service: not a unit file",
             at=datetime.now(UTC),
@@ -89,19 +88,58 @@ def test_apply_runs_then_follows_spec_commits_and_problems(
         )
         assert "units/evil.service" in condition(stalled, "Stalled")["message"]
         assert stalled["status"]["appliedRevision"] == f"main@sha1:{SHA_B}"
-        events = kube.ok("GET", "/api/v1/namespaces/default/events")["items"]
-        reasons = {e["reason"] for e in events if e["involvedObject"]["name"] == "web"}
-        assert "RevisionApplied" in reasons
+        assert "RevisionApplied" in event_reasons(kube, "web")
 
 
 def test_delete_releases_the_finalizer_only_after_the_machine_is_gone(
-    api: EmulatorThread, kube: Kube, fake_shim: FakeShim
+    api: EmulatorThread, kube: Kube, shim: FakeShimServer
 ) -> None:
-    fake_shim.heads["web"] = SHA_A
-    with operator_thread(api.url, fake_shim.socket):
+    shim.fake.heads["web"] = SHA_A
+    with operator_thread(api.url, shim.fake.socket):
         kube.ok("POST", TENANTS, tenant())
         wait_for(lambda: status_where(kube, "web", phase="Running"), what="web Running")
         kube.ok("DELETE", f"{TENANTS}/web")
         wait_for(lambda: kube.get(f"{TENANTS}/web") is None, what="web deleted")
-        assert "web" not in fake_shim.machines
-        assert ("DELETE", "web") in fake_shim.requests
+        assert "web" not in shim.fake.machines
+        assert ("DELETE", "web") in shim.fake.requests
+
+
+def test_the_finalizer_stays_while_the_shim_cannot_remove_the_machine(
+    api: EmulatorThread, kube: Kube, shim: FakeShimServer
+) -> None:
+    shim.fake.heads["web"] = SHA_A
+    with operator_thread(api.url, shim.fake.socket):
+        kube.ok("POST", TENANTS, tenant())
+        wait_for(lambda: status_where(kube, "web", phase="Running"), what="web Running")
+        shim.down()  # the shim is unreachable for now
+        kube.ok("DELETE", f"{TENANTS}/web")
+        wait_for(lambda: "ShimUnavailable" in event_reasons(kube, "web"), what="a warning")
+        held = kube.get(f"{TENANTS}/web")
+        assert held is not None and held["metadata"]["deletionTimestamp"]
+        assert held["status"]["phase"] == "Terminating"
+        assert "web" in shim.fake.machines
+        shim.up()
+        wait_for(lambda: kube.get(f"{TENANTS}/web") is None, timeout=30, what="web deleted")
+        assert "web" not in shim.fake.machines
+
+
+def test_the_source_is_polled_every_interval(
+    api: EmulatorThread, kube: Kube, shim: FakeShimServer
+) -> None:
+    shim.fake.heads["web"] = SHA_A
+    with operator_thread(api.url, shim.fake.socket):
+        body = tenant()
+        body["spec"]["source"]["interval"] = "1s"
+        kube.ok("POST", TENANTS, body)
+        wait_for(lambda: status_where(kube, "web", phase="Running"), what="web Running")
+        shim.fake.heads["web"] = SHA_B  # no annotation, no spec change: only the timer notices
+        wait_for(
+            lambda: status_where(kube, "web", appliedRevision=f"main@sha1:{SHA_B}"),
+            timeout=10,
+            what="revision B applied by polling",
+        )
+
+
+def event_reasons(kube: Kube, name: str) -> set[str]:
+    events = kube.ok("GET", "/api/v1/namespaces/default/events")["items"]
+    return {e["reason"] for e in events if e["involvedObject"]["name"] == name}

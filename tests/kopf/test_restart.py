@@ -1,0 +1,99 @@
+"""`bitbuilder-operator` as a process: killed mid-reconcile, restarted, it converges."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from bitbuilder.hostshim.api import MachineSpec, MachineStatus
+from tests.helpers.kube_emulator import EmulatorThread
+from tests.helpers.kube_http import TENANTS, Kube
+from tests.helpers.wait import wait_for
+from tests.kopf.conftest import NODE, FakeShimServer
+from tests.kopf.test_operator import SHA_A, status_where, tenant
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def healthy(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return bool(response.status == 200)
+    except OSError:
+        return False
+
+
+@contextmanager
+def operator_process(
+    kubeconfig: Path, shim_socket: Path, log: Path
+) -> Iterator[subprocess.Popen[bytes]]:
+    """bitbuilder-operator against the emulator; its liveness endpoint answering = started."""
+    liveness = f"http://127.0.0.1:{free_port()}/healthz"
+    argv = [
+        str(Path(sys.executable).parent / "bitbuilder-operator"),
+        "--kubeconfig", str(kubeconfig), "--socket", str(shim_socket),
+        "--node-name", NODE, "--liveness", liveness,
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: healthy(liveness) or proc.poll() is not None, what="operator liveness")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.mark.slow
+def test_killed_mid_reconcile_then_restarted_converges(
+    api: EmulatorThread, kube: Kube, shim: FakeShimServer, tmp_path: Path
+) -> None:
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    log = tmp_path / "operator.log"
+    shim.fake.heads["web"] = SHA_A
+    release = threading.Event()
+    answer = shim.fake.status_for
+
+    def held(spec: MachineSpec) -> MachineStatus:
+        release.wait(30)  # the shim is busy with this PUT until the operator has been killed
+        return answer(spec)
+
+    shim.fake.status_for = held  # type: ignore[method-assign]
+    try:
+        with operator_process(kubeconfig, shim.fake.socket, log) as first:
+            kube.ok("POST", TENANTS, tenant())
+            wait_for(lambda: ("PUT", "web") in shim.fake.requests, what="the PUT to the shim")
+            first.kill()
+            first.wait()
+    finally:
+        shim.fake.status_for = answer  # type: ignore[method-assign]
+        release.set()
+    interrupted = kube.get(f"{TENANTS}/web")
+    assert interrupted is not None and (interrupted.get("status") or {}).get("phase") != "Running"
+
+    with operator_process(kubeconfig, shim.fake.socket, log):
+        running = wait_for(
+            lambda: status_where(kube, "web", phase="Running", observedGeneration=1),
+            what="web Running after the restart",
+        )
+        assert running["status"]["appliedRevision"] == f"main@sha1:{SHA_A}"
+        assert shim.fake.requests.count(("PUT", "web")) >= 2
