@@ -33,7 +33,8 @@ def test_two_tenants_run_update_and_one_leaves(host: Host) -> None:
     table = host.get_tenants().stdout.splitlines()
     assert table[0].split() == ["NAME", "RUNTIME", "PHASE", "REVISION", "NODE", "READY", "AGE"]
     rows = {line.split()[0]: line.split() for line in table[1:]}
-    assert rows["web"][1:6] == ["nspawn", "Running", web[:7], rows["web"][4], "True"]
+    ready = host.condition("web", "Ready")
+    assert rows["web"][1:6] == ["nspawn", "Running", web[:7], rows["web"][4], "True"], ready
     assert rows["api"][3] == api[:7]
 
     # a commit in a tenant repo rolls out on the tenant's interval; the other is untouched
