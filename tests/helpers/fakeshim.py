@@ -7,6 +7,7 @@ answers like the real shim would.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -41,6 +42,7 @@ class FakeShim:
     machines: dict[str, MachineStatus] = field(default_factory=dict)
     images: dict[str, ImageStatus] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
+    apply_seconds: float = 0.0  # how long a PUT "works" (GET shows Updating/Pending meanwhile)
     bodies: list[dict[str, object]] = field(default_factory=list)
 
     def status_for(self, spec: MachineSpec) -> MachineStatus:
@@ -88,6 +90,11 @@ def _app(fake: FakeShim) -> web.Application:
         fake.bodies.append(body)
         spec = MachineSpec.model_validate(body)
         fake.specs[spec.name] = spec
+        if fake.apply_seconds:
+            old = fake.machines.get(spec.name) or fake.status_for(spec)
+            busy = MachinePhase.updating if old.applied_revision else MachinePhase.pending
+            fake.machines[spec.name] = old.model_copy(update={"phase": busy})
+            await asyncio.sleep(fake.apply_seconds)
         fake.machines[spec.name] = fake.status_for(spec)
         return _json(fake.machines[spec.name])
 

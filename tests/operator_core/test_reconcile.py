@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from bitbuilder.hostshim.api import ApiError, ErrorInfo
-from bitbuilder.operator.api import TenantPhase
+from bitbuilder.operator.api import TenantPhase, TenantStatus
 from bitbuilder.operator.reconcile import Node, finalize, placed_here, reconcile
 from bitbuilder.operator.shimclient import ShimClient
 from bitbuilder.operator.status import find_condition
@@ -170,5 +170,30 @@ def test_finalize_removes_the_machine(tmp_path: Path) -> None:
         assert await finalize(make_tenant(), shim)
         assert "web" not in fake.machines
         assert await finalize(make_tenant(), shim)  # idempotent
+
+    with_shim(tmp_path, body)
+
+
+def test_progress_is_reported_while_the_shim_works(tmp_path: Path) -> None:
+    seen: list[TenantStatus] = []
+
+    async def record(status: TenantStatus) -> None:
+        seen.append(status)
+
+    async def body(fake: FakeShim, shim: ShimClient) -> None:
+        fake.heads["web"] = SHA_A
+        first = await reconcile(make_tenant(), shim, FileSecrets(None), NODE, progress=record)
+        assert seen == []  # a quick PUT has nothing to report in between
+        fake.heads["web"] = SHA_B
+        fake.apply_seconds = 1.2
+        result = await reconcile(
+            make_tenant(), shim, FileSecrets(None), NODE, first.status, progress=record
+        )
+        assert [s.phase for s in seen] == [TenantPhase.updating]
+        reconciling = find_condition(seen[0], "Reconciling")
+        assert reconciling is not None and reconciling.status == "True"
+        assert seen[0].applied_revision == f"main@sha1:{SHA_A}"
+        assert result.status is not None and result.status.phase is TenantPhase.running
+        assert result.status.applied_revision == f"main@sha1:{SHA_B}"
 
     with_shim(tmp_path, body)
