@@ -17,6 +17,7 @@ from bitbuilder.operator.localstate import LocalState, utcnow
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
 from bitbuilder.operator.standalone import Standalone, same_repo
+from bitbuilder.operator.status import find_condition
 from bitbuilder.operator.translate import FileSecrets
 from tests.helpers.fakeshim import FakeShim, running_fake_shim
 from tests.operator_core.conftest import SHA_A, SHA_B, tenant_object
@@ -194,3 +195,45 @@ def test_same_repo_spellings() -> None:
     assert same_repo("git@github.com:o/r.git", "ssh://git@github.com/o/r")
     assert same_repo("git://127.0.0.1:9418/r.git", "git://127.0.0.1:9418/r")
     assert not same_repo("https://github.com/o/r", "https://github.com/o/r2")
+
+
+def test_shim_down_at_start_then_up(tmp_path: Path) -> None:
+    """Tenants wait (Ready Unknown, retried with backoff) until the shim answers."""
+    (tmp_path / "fleet").mkdir()
+    write_tenant(tmp_path / "fleet", "a")
+    state = LocalState(tmp_path / "state")
+    socket = tmp_path / "shim.sock"
+
+    async def body() -> None:
+        async with ShimClient(socket, timeout=2) as shim:
+            fleet = FolderFleet(tmp_path / "fleet")
+            d = Standalone(fleet, shim, FileSecrets(None), Node("n1"), state, 3600)
+            stop = asyncio.Event()
+            task = asyncio.create_task(d.run(stop))
+            try:
+                await until(lambda: phase(state, "a"), "a first status")
+                record = state.load("a")
+                ready = find_condition(record.status if record else None, "Ready")
+                assert ready is not None
+                assert (ready.status, ready.reason) == ("Unknown", "ShimUnavailable")
+                async with running_fake_shim(socket) as fake:
+                    fake.heads["a"] = SHA_A
+                    await until(lambda: phase(state, "a") == "Running", "a running", timeout=20)
+                    stop.set()
+                    await asyncio.wait_for(task, 10)
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 10)
+
+    run(body)
+
+
+def test_a_push_to_the_fleet_repo_rereads_the_fleet(tmp_path: Path) -> None:
+    async def body() -> None:
+        async with driver(tmp_path) as (d, fake, state):
+            fake.heads["a"] = SHA_A
+            write_tenant(tmp_path / "fleet", "a")
+            assert d.trigger_url(str(tmp_path / "fleet")) == ["(fleet)"]
+            await until(lambda: phase(state, "a") == "Running", "a picked up without the interval")
+
+    run(body)
