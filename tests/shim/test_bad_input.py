@@ -18,6 +18,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.helpers.gitserve import Link, TenantRepo
 from tests.shim.conftest import FakeShim, RealShim, machine_spec, shim_config
 from tests.shim.harness import Reply, ShimClient
 
@@ -115,27 +116,30 @@ def test_random_names_in_the_path(fake_shim: FakeShim, name: str) -> None:
 # --- hand-written hostile cases over the real components -----------------------------------------
 
 
+def outside_snapshot(tmp_path: Path) -> set[tuple[str, int]]:
+    """Every path under tmp_path except the shim's state and runtime dirs, with its mtime."""
+    found = set()
+    for root, dirs, files in os.walk(tmp_path):
+        rel = Path(root).relative_to(tmp_path)
+        if rel.parts[:1] in (("state",), ("run",)):
+            continue
+        for entry in dirs + files:
+            if rel == Path(".") and entry in ("state", "run"):
+                continue
+            found.add((str(rel / entry), os.lstat(Path(root, entry)).st_mtime_ns))
+    return found
+
+
+CANARIES = [Path("/tmp/bb-hostile-canary"), Path("/etc/bb-hostile-canary")]
+
+
 @pytest.fixture
 def guarded(real_shim: RealShim, tmp_path: Path) -> Iterator[RealShim]:
     """The real shim; afterwards nothing outside its state/runtime dirs may have changed."""
-
-    def snapshot() -> set[tuple[str, int]]:
-        found = set()
-        for root, dirs, files in os.walk(tmp_path):
-            rel = Path(root).relative_to(tmp_path)
-            if rel.parts[:1] in (("state",), ("run",)):
-                continue
-            for entry in dirs + files:
-                if rel == Path(".") and entry in ("state", "run"):
-                    continue
-                found.add((str(rel / entry), os.lstat(Path(root, entry)).st_mtime_ns))
-        return found
-
-    canaries = [Path("/tmp/bb-hostile-canary"), Path("/etc/bb-hostile-canary")]
-    before = snapshot()
+    before = outside_snapshot(tmp_path)
     yield real_shim
-    assert snapshot() == before
-    assert not any(os.path.lexists(c) for c in canaries)
+    assert outside_snapshot(tmp_path) == before
+    assert not any(os.path.lexists(c) for c in CANARIES)
 
 
 TRAVERSALS = [
@@ -252,6 +256,33 @@ def test_hostile_images(guarded: RealShim, tmp_path: Path, image: dict[str, str]
     reply = guarded.client.request("PUT", "/v1/images/base", image)
     assert_refused(reply, 422)
     assert guarded.client.request("GET", "/v1/images").body["items"] == []
+
+
+@pytest.mark.parametrize(
+    ("files", "refused"),
+    [({"confext/base/etc": Link("/etc")}, True),
+     ({"sysext/tools/usr": Link("../../../../../../../tmp")}, True),
+     ({"machine.yaml": Link("/etc/hostname")}, True),
+     ({"units/evil.service": Link("/etc/passwd")}, True),
+     # Valid inside the machine (its own /etc/shadow): accepted, never followed on the host.
+     ({"confext/base/etc/motd": Link("/etc/shadow")}, False)],
+)  # fmt: skip
+def test_symlinks_in_the_tenant_repo_never_reach_outside(
+    real_shim: RealShim, tmp_path: Path, files: dict[str, Link], refused: bool
+) -> None:
+    repo = TenantRepo(tmp_path / "served", "evil.git")
+    repo.commit({"confext/other/etc/motd": "hi\n", **files})
+    before = outside_snapshot(tmp_path)
+    body = machine_spec(source={"url": repo.file_url(), "ref": {"branch": "main"}})
+    reply = real_shim.client.request("PUT", "/v1/machines/web", body)
+    assert reply.status == 200, reply.body
+    assert reply.body["phase"] == "Failed" and "leaderPid" not in reply.body
+    if refused:
+        assert reply.body["sourceError"]["reason"] == "InvalidRevision", reply.body
+        assert next(iter(files)) in reply.body["sourceError"]["message"]
+    else:  # the revision is fine; the machine fails later only because no image exists
+        assert reply.body["machineError"]["reason"] == "ImageNotFound", reply.body
+    assert outside_snapshot(tmp_path) == before
 
 
 def test_unknown_fields_and_wrong_types(guarded: RealShim) -> None:

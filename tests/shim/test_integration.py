@@ -18,7 +18,6 @@ import pytest
 from bitbuilder.hostshim.api import MachineStatus
 from bitbuilder.hostshim.paths import TenantPaths
 from tests.helpers.gitserve import TenantRepo
-from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
 from tests.shim.conftest import RealShim, real_config
 
@@ -26,11 +25,6 @@ pytestmark = [
     pytest.mark.nspawn,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root and systemd-nspawn"),
 ]
-
-
-@pytest.fixture(scope="session")
-def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return cached_busybox_rootfs(tmp_path_factory.getbasetemp() / "rootfs-cache")
 
 
 @pytest.fixture

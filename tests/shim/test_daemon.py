@@ -1,0 +1,89 @@
+"""`bitbuilder-hostshim` as its own process: serves on the socket, stops on SIGTERM, and the
+tenants it started outlive it (the next shim process re-adopts them)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from bitbuilder.hostshim.config import ShimConfig
+from tests.helpers.gitserve import TenantRepo
+from tests.helpers.wait import wait_for
+from tests.shim.conftest import RealShim, real_config
+from tests.shim.harness import ShimClient
+
+DAEMON = str(Path(sys.executable).parent / "bitbuilder-hostshim")
+
+
+def _healthy(client: ShimClient) -> bool:
+    try:
+        return client.request("GET", "/healthz").status == 200
+    except OSError:
+        return False
+
+
+@contextmanager
+def daemon(config: ShimConfig, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    argv = [
+        DAEMON, "--state-dir", str(config.state_dir), "--runtime-dir", str(config.runtime_dir),
+        "--socket", str(config.socket_path), "--executor", "direct", "--drift-interval", "0",
+        *[a for p in config.trusted_image_paths for a in ("--trusted-image-path", str(p))],
+        *[a for p in config.file_source_roots for a in ("--file-source-root", str(p))],
+    ]  # fmt: skip
+    with log.open("ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        client = ShimClient(str(config.socket_path))
+        wait_for(lambda: proc.poll() is not None or _healthy(client), what="the shim to serve")
+        assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
+
+
+def test_daemon_serves_then_stops_on_sigterm(tmp_path: Path) -> None:
+    config = real_config(tmp_path)
+    with daemon(config, tmp_path / "shim.log") as proc:
+        client = ShimClient(str(config.socket_path))
+        assert client.request("GET", "/v1/machines").body == {"items": []}
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    assert not config.socket_path.exists()
+
+
+@pytest.mark.nspawn
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root and systemd-nspawn")
+def test_tenant_outlives_the_shim_process(tmp_path: Path, busybox_rootfs: Path) -> None:
+    rootfs = busybox_rootfs
+    config = real_config(tmp_path, trusted_image_paths=(rootfs.parent,))
+    client = ShimClient(str(config.socket_path))
+    repo = TenantRepo(tmp_path / "served", "web.git")
+    repo.commit({"confext/base/etc/motd": "v1\n"})
+    try:
+        with daemon(config, tmp_path / "shim.log") as proc:
+            assert client.request("PUT", "/v1/images/busybox", {"path": str(rootfs)}).status == 200
+            body = {
+                "name": "web",
+                "image": "busybox",
+                "source": {"url": repo.file_url(), "ref": {"branch": "main"}},
+                "network": {"mode": "none"},
+            }
+            first = client.put(body).body
+            assert first["phase"] == "Running", first
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        assert Path(f"/proc/{first['leaderPid']}").exists(), "the tenant died with the shim"
+        with daemon(config, tmp_path / "shim.log"):
+            again = client.get("web").body
+            assert again["phase"] == "Running" and again["leaderPid"] == first["leaderPid"]
+    finally:
+        RealShim(config).stop_all()
