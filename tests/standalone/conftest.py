@@ -158,6 +158,10 @@ class Host:
     def reconciler_log(self) -> str:
         return (self.procs.logs / "reconciler.log").read_text(errors="replace")
 
+    def phase(self, name: str) -> str | None:
+        record = self.state.load(name)
+        return record.status.phase if record and record.status else None
+
     def applied(self, name: str) -> str | None:
         """The commit standalone mode reports running (only once the phase is Running)."""
         record = self.state.load(name)

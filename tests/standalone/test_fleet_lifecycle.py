@@ -109,3 +109,25 @@ def test_signed_webhook_push_updates_at_once_and_a_bad_one_changes_nothing(host:
     assert post(host, payload, signed) == (202, {"triggered": ["web"]})
     host.wait_applied("web", second, timeout=30)  # the interval is an hour: only the push did it
     assert host.motd("web") == "web v2"
+
+
+def test_suspend_stops_the_machine_and_resume_brings_it_back(host: Host) -> None:
+    commit = host.tenant_repo("web", "web v1").head()
+    host.commit_fleet({"web.yaml": tenant_manifest("web", host.url("web"))})
+    host.start_reconciler()
+    host.wait_applied("web", commit)
+    pid = host.machine("web").leader_pid  # type: ignore[union-attr]
+
+    host.commit_fleet({"web.yaml": tenant_manifest("web", host.url("web"), suspend=True)})
+    wait_for(lambda: host.phase("web") == "Suspended", timeout=60, what="web suspended")
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), timeout=30, what="web's machine stopped")
+    machine = host.machine("web")
+    assert machine is not None and machine.phase == "Stopped"  # stopped, not deleted
+    assert host.condition("web", "MachineReady")[:2] == ("False", "Suspended")  # type: ignore[index]
+    record = host.state.load("web")
+    assert record is not None and record.generation == 2
+
+    host.commit_fleet({"web.yaml": tenant_manifest("web", host.url("web"))})
+    host.wait_applied("web", commit)
+    assert host.motd("web") == "web v1"
+    assert host.machine("web").leader_pid != pid  # type: ignore[union-attr]
