@@ -89,6 +89,26 @@ def _poll(probe: Callable[[], int | None], timeout: float) -> int | None:
     return found
 
 
+def accepts(pid: int, signo: int) -> bool:
+    """Will `pid` take `signo`? PID 1 of a namespace drops any signal it neither catches nor
+    blocks (systemd blocks and reads a signalfd; busybox init waits in sigtimedwait), so a
+    stop request sent before that would be lost."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        waiting = Path(f"/proc/{pid}/wchan").read_text()
+    except FileNotFoundError:
+        return False
+    masks = dict(line.split(":\t", 1) for line in status.splitlines() if line.startswith("Sig"))
+    taken = int(masks["SigCgt"], 16) | int(masks["SigBlk"], 16)
+    return bool(taken >> (signo - 1) & 1) or "sigtimedwait" in waiting
+
+
+def init_ready(nspawn_pid: int, init: InitKind) -> int | None:
+    """The machine's init once it has exec'd and can be powered off, else None."""
+    leader = find_leader(nspawn_pid)
+    return leader if leader is not None and accepts(leader, init.kill_signo) else None
+
+
 def _umount(path: Path) -> None:
     if not os.path.ismount(path):
         return
@@ -184,7 +204,7 @@ class Runner:
         pid = self.executor.launch(
             spec.name, nspawn_argv(machine), spec.resources, paths.run / CONSOLE_LOG
         )
-        leader = self._await_leader(spec.name, pid, paths)
+        leader = self._await_leader(spec.name, pid, paths, init)
         if link is not None:
             configure_link(link, leader)
         address = link.address if link else None
@@ -219,12 +239,12 @@ class Runner:
             etc.insert(0, build_units_layer(paths.run / "units", layout.units))
         return tuple(etc), tuple(usr)
 
-    def _await_leader(self, name: str, pid: int, paths: TenantPaths) -> int:
+    def _await_leader(self, name: str, pid: int, paths: TenantPaths, init: InitKind) -> int:
         def leader() -> int | None:
             if self.executor.pid(name) is None:
                 log = (paths.run / CONSOLE_LOG).read_text(errors="replace")[-2000:]
                 raise MachineError(f"machine {name!r} exited while starting: {log.strip()}")
-            return find_leader(pid)
+            return init_ready(pid, init)
 
         found = _poll(leader, LEADER_DEADLINE)
         if found is None:

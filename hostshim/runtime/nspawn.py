@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import stat
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -34,6 +35,10 @@ class InitKind(StrEnum):
     @property
     def kill_signal(self) -> str:
         return "SIGRTMIN+3" if self is InitKind.systemd else "SIGUSR2"
+
+    @property
+    def kill_signo(self) -> int:
+        return int(signal.SIGRTMIN) + 3 if self is InitKind.systemd else int(signal.SIGUSR2)
 
 
 def _lstat_inside(root: Path, rel: str) -> os.stat_result | None:
