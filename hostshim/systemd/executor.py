@@ -71,10 +71,11 @@ class SystemdExecutor:
             "Delegate=yes",  # the machine's systemd (if any) manages its own subtree
             "KillMode=mixed",  # SIGTERM to nspawn only: it powers the machine off cleanly
             f"TimeoutStopSec={int(self.stop_timeout)}",
-            "Restart=on-failure",
-            "RestartSec=2",
             f"StandardOutput=append:{log}",
             "StandardError=inherit",
+            # No Restart=: a machine's link and filter are set up by the runner around each
+            # start, so the shim (its drift check) restarts a dead machine, as with the
+            # direct executor. Collected when it ends, so its name can be used again.
             "CollectMode=inactive-or-failed",
             *limit_properties(limits),
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import sysconfig
 from pathlib import Path
 
 from tests.system.testhost import TestHost, python_binds
@@ -28,6 +29,11 @@ def test_project_python_runs_inside(testhost: TestHost) -> None:
 
 def test_binds_cover_the_interpreter_and_the_checkout() -> None:
     binds = python_binds()
-    needed = [Path(sys.base_prefix).resolve(), Path(sys.prefix).resolve(), Path(__file__).resolve()]
+    needed = [
+        Path(sys.executable).resolve(),
+        Path(sysconfig.get_path("stdlib")).resolve(),
+        Path(sys.prefix).resolve(),
+        Path(__file__).resolve(),
+    ]
     for path in needed:
         assert any(b == path or b in path.parents for b in binds), path

@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import uuid
@@ -50,9 +51,10 @@ PACKAGES = (
     "libffi8",
     "ca-certificates",  # pygit2 loads the system's CA bundle when imported
     "nftables",  # the shim filters each tenant link
+    "libexpat1",  # Debian's python3 binary links it (when that is the bound interpreter)
 )
 # Bump when configure() changes: it is part of the cache key.
-SCRIPT_VERSION = "5"
+SCRIPT_VERSION = "6"
 CULPRIT_UNITS = (
     # Nothing in the tests needs them and they slow the boot or fail without a network.
     "apt-daily.timer",
@@ -156,13 +158,38 @@ def configure(root: Path) -> None:
     (root / "var/cache/apt/archives/partial").mkdir(parents=True)
 
 
+# The test host has its own of these: binding one over it would replace its system.
+SYSTEM_PREFIXES = (Path("/"), Path("/usr"), Path("/usr/local"))
+
+
+def _symlink_chain(path: Path) -> list[Path]:
+    """`path` and every link it goes through to the real file (each as a path to bind)."""
+    chain = [path]
+    while path.is_symlink():
+        path = path.parent / os.readlink(path)
+        chain.append(path)
+    return chain
+
+
 def python_binds() -> list[Path]:
     """What the project needs from this machine inside the test host: its venv, the base
-    interpreter, and the checkout (an editable install points there)."""
+    interpreter, and the checkout (an editable install points there).
+
+    A base interpreter under its own prefix (pyenv, /opt/python) is bound whole. Debian's own
+    python3 lives in /usr: then only its binary (with the links the venv reaches it by) and its
+    standard library are bound; its shared libraries come from the test host's packages."""
     import bitbuilder.hostshim
 
     checkout = Path(bitbuilder.hostshim.__file__).resolve().parents[1]
-    paths = {Path(sys.prefix).resolve(), Path(sys.base_prefix).resolve(), checkout}
+    venv = Path(sys.prefix).resolve()
+    paths = {venv, checkout}
+    base = Path(sys.base_prefix).resolve()
+    if base in SYSTEM_PREFIXES:
+        executable = Path(sys.prefix) / "bin" / Path(sys.executable).name
+        paths.update(p for p in _symlink_chain(executable) if venv not in p.parents)
+        paths.add(Path(sysconfig.get_path("stdlib")).resolve())
+    else:
+        paths.add(base)
     # A nested path is covered by its parent's bind.
     return sorted(p for p in paths if not any(q != p and q in p.parents for q in paths))
 
