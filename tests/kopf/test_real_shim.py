@@ -1,0 +1,89 @@
+"""The kopf operator with the real host shim and real nspawn machines, via the emulated API."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from bitbuilder.operator.api import RECONCILE_REQUESTED_ANNOTATION
+from tests.helpers.kube_emulator import EmulatorThread
+from tests.helpers.kube_http import TENANTS, Kube
+from tests.helpers.wait import wait_for
+from tests.kopf.conftest import operator_thread
+from tests.kopf.test_operator import condition, status_where
+from tests.standalone.conftest import REAL_HOST, Host, motd, tenant_manifest
+
+pytestmark = [*REAL_HOST, pytest.mark.slow]
+
+
+def request_sync(kube: Kube, name: str, token: str) -> None:
+    kube.merge(
+        f"{TENANTS}/{name}", {"metadata": {"annotations": {RECONCILE_REQUESTED_ANNOTATION: token}}}
+    )
+
+
+def phases_since(kube: Kube, name: str, resource_version: str) -> list[str]:
+    """Every phase the Tenant's status went through after `resource_version` (watch replay)."""
+    events = kube.watch(TENANTS, resourceVersion=resource_version, timeoutSeconds="1")
+    phases: list[str] = []
+    for event in events:
+        obj: dict[str, Any] = event["object"]
+        phase = (obj.get("status") or {}).get("phase")
+        if obj["metadata"]["name"] == name and phase and (not phases or phases[-1] != phase):
+            phases.append(phase)
+    return phases
+
+
+def test_apply_update_break_and_delete_a_real_machine(
+    api: EmulatorThread, kube: Kube, host: Host
+) -> None:
+    repo = host.tenant_repo("web", "v1")
+    first = repo.head()
+    with operator_thread(api.url, host.socket):
+        created = kube.ok("POST", TENANTS, tenant_manifest("web", host.url("web"), interval="1h"))
+        running = wait_for(
+            lambda: status_where(kube, "web", phase="Running", observedGeneration=1),
+            timeout=120,
+            what="web Running",
+        )
+        assert running["status"]["appliedRevision"] == f"main@sha1:{first}"
+        for kind in ("Ready", "SourceReady", "MachineReady"):
+            assert condition(running, kind)["status"] == "True", kind
+        assert running["status"]["machine"]["startedAt"]
+        assert host.motd("web") == "v1"
+        assert phases_since(kube, "web", created["metadata"]["resourceVersion"])[-1] == "Running"
+
+        # A commit in the tenant repo: Updating, then Running at the new revision.
+        second = repo.commit(motd("v2"), "v2")
+        before = kube.ok("GET", f"{TENANTS}/web")["metadata"]["resourceVersion"]
+        request_sync(kube, "web", "1")
+        wait_for(
+            lambda: status_where(
+                kube, "web", phase="Running", appliedRevision=f"main@sha1:{second}"
+            ),
+            timeout=120,
+            what="web at v2",
+        )
+        assert host.motd("web") == "v2"
+        assert "Updating" in phases_since(kube, "web", before)
+
+        # A broken commit: Stalled naming the file; v2 keeps running.
+        repo.commit({"machine.yaml": "hostname: [unclosed\n"}, "broken")
+        request_sync(kube, "web", "2")
+        stalled = wait_for(
+            lambda: (
+                condition(kube.get(f"{TENANTS}/web"), "Stalled").get("status") == "True"
+                and kube.get(f"{TENANTS}/web")
+            ),
+            timeout=60,
+            what="web Stalled",
+        )
+        assert "machine.yaml" in condition(stalled, "Stalled")["message"]
+        assert stalled["status"]["appliedRevision"] == f"main@sha1:{second}"
+        assert host.motd("web") == "v2"
+
+        # Delete: the Tenant goes only once the machine is gone.
+        kube.ok("DELETE", f"{TENANTS}/web")
+        wait_for(lambda: kube.get(f"{TENANTS}/web") is None, timeout=60, what="web deleted")
+        assert host.machine("web") is None
