@@ -7,7 +7,8 @@ machine needs no DHCP client. Each link gets a /30 from the host-local pool: the
 (except replies, and the host's own address on the link when allow_host is set) and every
 packet forwarded from or to the link, so no two tenant links are ever routed together and a
 machine reaches nothing beyond its link. (Root inside the machine may re-address its end;
-the filter keys on the interface, not the address, so that gains it nothing.)
+the filter keys on the interface, not the address, so that gains it nothing.) Port forwards
+are DNAT rules in the same table from the host's loopback to the machine's address.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import fcntl
 import hashlib
 import ipaddress
 import json
+import socket
 import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bitbuilder.hostshim.api import NetworkSpec, PortForward
 from bitbuilder.hostshim.errors import MachineError
 
 DEFAULT_POOL = ipaddress.IPv4Network("10.250.0.0/16")
@@ -123,7 +126,47 @@ def _free_subnet(pool: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
     )
 
 
-def _nft_rules(table: str, ifname: str, host_ip: str, allow_host: bool) -> str:
+def _forward_rules(link: Link, ports: list[PortForward]) -> str:
+    """DNAT from the host's loopback to the machine; the source becomes the host's link
+    address, so replies come back over the link (as established traffic)."""
+    if not ports:
+        return ""
+    host_ip = link.host_address.split("/")[0]
+    dnat = "\n    ".join(
+        f"ip daddr 127.0.0.1 {p.protocol} dport {p.host_port} dnat ip to {link.address}:{p.port}"
+        for p in ports
+    )
+    return f"""
+  chain nat_output {{
+    type nat hook output priority -100; policy accept;
+    {dnat}
+  }}
+  chain nat_postrouting {{
+    type nat hook postrouting priority 100; policy accept;
+    oifname "{link.host_ifname}" ip saddr 127.0.0.1 snat ip to {host_ip}
+  }}"""
+
+
+def _check_ports_free(ports: list[PortForward]) -> None:
+    """Refuse a host port another machine forwards or a host process listens on."""
+    ruleset = _run(["nft", "list", "ruleset"], "cannot list nftables rules")
+    for p in ports:
+        kind = socket.SOCK_STREAM if p.protocol == "tcp" else socket.SOCK_DGRAM
+        taken = f"{p.protocol} dport {p.host_port} dnat" in ruleset
+        with socket.socket(socket.AF_INET, kind) as probe:
+            try:
+                probe.bind(("127.0.0.1", p.host_port))
+            except OSError:
+                taken = True
+        if taken:
+            raise MachineError(
+                f"host port {p.host_port}/{p.protocol} is already in use", reason="PortInUse"
+            )
+
+
+def _nft_rules(link: Link, allow_host: bool, ports: list[PortForward]) -> str:
+    ifname, table = link.host_ifname, _table(link.host_ifname)
+    host_ip = link.host_address.split("/")[0]
     host_rule = f'iifname "{ifname}" ip daddr {host_ip} accept' if allow_host else ""
     return f"""
 table inet {table} {{
@@ -137,13 +180,13 @@ table inet {table} {{
     type filter hook forward priority -10; policy accept;
     iifname "{ifname}" drop
     oifname "{ifname}" drop
-  }}
+  }}{_forward_rules(link, ports)}
 }}
 """
 
 
 def prepare_link(
-    scope: str, name: str, allow_host: bool, pool: ipaddress.IPv4Network = DEFAULT_POOL
+    scope: str, name: str, spec: NetworkSpec, pool: ipaddress.IPv4Network = DEFAULT_POOL
 ) -> Link:
     """Allocate the link's /30 and install its filter, before nspawn creates the veth pair.
 
@@ -159,9 +202,10 @@ def prepare_link(
         link = Link(ifname, MACHINE_IFNAME, f"{host_ip}/30", f"{machine_ip}/30")
         # The reservation holds the subnet until the host side carries the address; it lives
         # as long as the link's filter table (a stale one is dropped by the next allocation).
+        _check_ports_free(spec.ports)
         RESERVATIONS.mkdir(parents=True, exist_ok=True)
         (RESERVATIONS / str(subnet.network_address)).write_text(ifname)
-        rules = _nft_rules(_table(ifname), ifname, host_ip, allow_host)
+        rules = _nft_rules(link, spec.allow_host, spec.ports)
         result = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
     if result.returncode != 0:
         teardown_link(scope, name)
@@ -182,6 +226,8 @@ def configure_link(link: Link, leader_pid: int) -> None:
         run(["nsenter", "-t", str(leader_pid), "--net", *argv])
 
     _quiet(["sysctl", "-q", "-w", f"net.ipv6.conf.{link.host_ifname}.disable_ipv6=1"])
+    # forwarded ports: loopback-sourced packets may leave through this link (after SNAT)
+    _quiet(["sysctl", "-q", "-w", f"net.ipv4.conf.{link.host_ifname}.route_localnet=1"])
     run(["ip", "addr", "add", link.host_address, "dev", link.host_ifname])
     run(["ip", "link", "set", link.host_ifname, "up"])
     inside("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")

@@ -158,11 +158,8 @@ class Runner:
     def start(self, spec: MachineSpec, checkout: Checkout | None) -> RunningMachine:
         if spec.runtime is not Runtime.nspawn:
             raise MachineError(f"runtime {spec.runtime} is not supported", reason="Unsupported")
-        if spec.network.ports:
-            raise MachineError(
-                "port forwards are not implemented by this shim yet",
-                reason="PortForwardsUnsupported",
-            )
+        if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
+            raise MachineError("port forwards need network mode isolated", reason="InvalidSpec")
         paths = TenantPaths(self.config, spec.name)
         if self.executor.pid(spec.name) is not None:
             raise MachineError(f"machine {spec.name!r} is already running", reason="AlreadyRunning")
@@ -184,7 +181,7 @@ class Runner:
         etc_layers, usr_layers = self._layers(paths, layout, init)
         link = None
         if spec.network.mode is NetworkMode.isolated:
-            link = prepare_link(self.scope, spec.name, spec.network.allow_host)
+            link = prepare_link(self.scope, spec.name, spec.network)
         started_at = datetime.now(UTC)
         revision = checkout.revision if checkout is not None else None
         self._write_record(paths, link, started_at, revision)

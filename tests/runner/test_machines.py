@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
+import socket
 import urllib.request
 import uuid
 from pathlib import Path
@@ -196,3 +197,22 @@ def test_start_twice_is_refused(shim: Shim) -> None:
         shim.start(machine.name)
     assert again.value.reason == "AlreadyRunning"
     assert shim.runner.inspect(machine.name) == machine
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_port_forward_from_host_loopback(shim: Shim) -> None:
+    port = free_port()
+    machine = shim.start(network={"ports": [{"port": 8080, "hostPort": port}]})
+    assert wait_for(lambda: http_get("127.0.0.1", port), what="forwarded port") == (
+        "bitbuilder busybox image\n"
+    )
+    with pytest.raises(MachineError) as taken:
+        shim.start(network={"ports": [{"port": 80, "hostPort": port}]})
+    assert taken.value.reason == "PortInUse"
+    shim.runner.stop(machine.name)
+    assert http_get("127.0.0.1", port) is None, "forward removed with the machine"
