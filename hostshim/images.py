@@ -126,6 +126,11 @@ class ImageStore:
 
     def _swap_in(self, name: str, staging: Path) -> None:
         final = ImagePaths(self.config, name).root
+        if _in_use(ImagePaths(self.config, name).rootfs):
+            raise ImageError(
+                f"image {name!r} is the root of running machines: stop them to replace it",
+                reason="ImageInUse",
+            )
         retired = self.root / f".retired-{name}-{os.getpid()}"
         if final.exists():
             final.rename(retired)
@@ -184,6 +189,13 @@ class ImageStore:
             raise ImageError(f"cannot download {url!r}: {exc}", reason="ImageUnreachable") from exc
         finally:
             target.unlink(missing_ok=True)
+
+
+def _in_use(rootfs: Path) -> bool:
+    """Is `rootfs` a lower layer of a mounted overlay (a running machine's root)?"""
+    escaped = str(rootfs).replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+    options = Path("/proc/self/mountinfo").read_text()
+    return any(f"lowerdir={escaped}{end}" in options for end in (",", ":", "\n", " "))
 
 
 def _copy_limited(src: IO[bytes], dst: IO[bytes]) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bitbuilder.hostshim.api import ImageSpec
 from bitbuilder.hostshim.errors import ImageError, MachineError
 from bitbuilder.hostshim.layout import Layout, RepoSettings
 from bitbuilder.hostshim.paths import TenantPaths
@@ -216,3 +217,15 @@ def test_port_forward_from_host_loopback(shim: Shim) -> None:
     assert taken.value.reason == "PortInUse"
     shim.runner.stop(machine.name)
     assert http_get("127.0.0.1", port) is None, "forward removed with the machine"
+
+
+def test_image_in_use_is_not_replaced(shim: Shim, busybox_rootfs: Path) -> None:
+    machine = shim.start()
+    before = shim.images.get("busybox")
+    with pytest.raises(ImageError) as in_use:
+        shim.images.put("busybox", ImageSpec(path=f"{busybox_rootfs}/."))  # another spec
+    assert in_use.value.reason == "ImageInUse"
+    assert shim.images.get("busybox") == before
+    assert shim.run_in(machine, "cat", "/etc/inittab").returncode == 0
+    shim.runner.stop(machine.name)
+    assert shim.images.put("busybox", ImageSpec(path=f"{busybox_rootfs}/.")) != before
