@@ -39,7 +39,9 @@ from bitbuilder.operator.localstate import LocalState, utcnow
 from bitbuilder.operator.shimclient import ShimClient
 from bitbuilder.operator.webhook import sign
 
-TENANTS = ("web", "api")
+# Distinct names: on a systemd host machine units and machined names are host-wide.
+TENANTS = ("demo-web", "demo-api")
+CHANGED = TENANTS[0]
 IMAGE = "busybox"
 MOTD = "etc/motd"
 STEP_TIMEOUT = 180.0
@@ -114,14 +116,14 @@ class Demo:
         await self.wait_revisions(self.initial, "both tenants Running")
         await self.show()
 
-        web = self.repos["web"]
-        say("==> committing a change to the web tenant's repo (motd v2)")
-        change = web.commit(motd("web", "v2"), "motd: v2")
-        await self.rollout("web", change, "update")
+        repo = self.repos[CHANGED]
+        say(f"==> committing a change to the {CHANGED} tenant's repo (motd v2)")
+        change = repo.commit(motd(CHANGED, "v2"), "motd: v2")
+        await self.rollout(CHANGED, change, "update")
 
         say(f"==> reverting that commit in git (git revert {change[:7]})")
-        revert = web.revert(change)
-        await self.rollout("web", revert, "rollback")
+        revert = repo.revert(change)
+        await self.rollout(CHANGED, revert, "rollback")
         say("==> the demo worked: two tenants ran, an update rolled out and was rolled back")
 
     def create_repos(self) -> None:
@@ -247,14 +249,14 @@ class Demo:
     # --- cleaning up --------------------------------------------------------------------------
 
     async def remove_machines(self) -> None:
+        """Every machine of the demo's own shim (it runs nothing else)."""
         if not self.socket.exists():
             return
         async with ShimClient(self.socket, timeout=5) as shim:
             if not await shim.healthy():
                 return
-            for name in self.state.names():
-                await shim.delete(name)
-                self.state.remove(name)
+            for machine in await shim.machines():
+                await shim.delete(machine.name)
 
 
 def _read_inside(pid: int | None) -> str:
@@ -322,7 +324,7 @@ def say_kept(demo: Demo) -> None:
     for name, proc in demo.procs.children:
         say(f"    {name}: pid {proc.pid} (log {demo.procs.logs / name}.log)")
     say(f"    bitbuilder get tenants --state-dir {demo.state.root}")
-    say(f"    change a tenant: cd {demo.work / 'src' / 'web'} && edit, git commit, git push")
+    say(f"    change a tenant: cd {demo.work / 'src' / CHANGED} && edit, git commit, git push")
     pids = " ".join(str(p.pid) for _, p in reversed(demo.procs.children))
     say(f"    stop: kill {pids}  (the machines keep running until the shim deletes them)")
 

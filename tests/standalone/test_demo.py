@@ -28,15 +28,16 @@ def test_demo_runs_the_story_and_leaves_nothing(tmp_path: Path) -> None:
     revisions = []
     for table in tables:
         rows = {line.split()[0]: line.split() for line in table.splitlines()}
-        assert set(rows) == {"web", "api"}
+        assert set(rows) == {"demo-web", "demo-api"}
         assert all(r[2] == "Running" and r[5] == "True" for r in rows.values()), table
-        revisions.append((rows["web"][3], rows["api"][3]))
+        revisions.append((rows["demo-web"][3], rows["demo-api"][3]))
     (web1, api1), (web2, api2), (web3, api3) = revisions
     assert api1 == api2 == api3  # the other tenant is untouched
     assert len({web1, web2, web3}) == 3  # v1, the change, the revert commit
-    assert out.count("inside web: /etc/motd says: web v1") == 2
-    assert out.count("inside web: /etc/motd says: web v2") == 1
-    assert "update of web running" in out and "rollback of web running" in out
+    assert out.count("inside demo-web: /etc/motd says: demo-web v1") == 2
+    assert out.count("inside demo-web: /etc/motd says: demo-web v2") == 1
+    assert out.count("inside demo-api: /etc/motd says: demo-api v1") == 3
+    assert "update of demo-web running" in out and "rollback of demo-web running" in out
     assert not work.exists()  # cleaned up
     left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout
     assert left == "", f"processes left behind: {left}"
