@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -44,6 +48,29 @@ def api() -> Iterator[EmulatorThread]:
 @pytest.fixture
 def kube(api: EmulatorThread) -> Kube:
     return Kube(api.url)
+
+
+Kubectl = Callable[..., str]
+KUBECTL = shutil.which(
+    "kubectl", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+)
+
+
+@pytest.fixture
+def kubectl(api: EmulatorThread, tmp_path: Path) -> Kubectl:
+    """kubectl against the emulator; returns stdout, fails the test on a non-zero exit."""
+    if KUBECTL is None:
+        pytest.skip("kubectl is not installed")
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
+
+    def run(*args: str) -> str:
+        assert KUBECTL is not None
+        done = subprocess.run([KUBECTL, *args], env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    return run
 
 
 class FakeShimServer:

@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, cast
 
 import kubernetes
-import pytest
 
 from bitbuilder.operator.crd import tenant_crd
 from tests.helpers.kube_emulator import Emulator, EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
+from tests.kopf.conftest import Kubectl
 
 
 def tenant(name: str = "web", **meta: Any) -> dict[str, Any]:
@@ -203,27 +199,12 @@ def test_table_rendering_uses_the_printer_columns(kube: Kube) -> None:
     assert row["Phase"] == "Running" and row["Ready"] == "True" and row["Runtime"] == "nspawn"
 
 
-KUBECTL = shutil.which(
-    "kubectl", path=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
-)
-
-
-@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
-def test_kubectl_get_tenants_prints_the_columns(api: EmulatorThread, tmp_path: Path) -> None:
-    assert KUBECTL is not None
-    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+def test_kubectl_get_tenants_prints_the_columns(kubectl: Kubectl, tmp_path: Path) -> None:
     manifest = tmp_path / "tenant.yaml"
     manifest.write_text(
         "apiVersion: bitbuilder.io/v1alpha1\nkind: Tenant\nmetadata: {name: web}\n"
         "spec: {image: {name: base}}\n"
     )
-
-    def kubectl(*args: str) -> str:
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
-        done = subprocess.run([KUBECTL, *args], env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
     kubectl("apply", "--validate=false", "-f", str(manifest))
     header, row = kubectl("get", "tenants").splitlines()
     assert header.split() == ["NAME", "RUNTIME", "PHASE", "REVISION", "NODE", "READY", "AGE"]

@@ -10,7 +10,7 @@ from bitbuilder.operator.api import FINALIZER, RECONCILE_REQUESTED_ANNOTATION
 from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
-from tests.kopf.conftest import FakeShimServer, operator_thread
+from tests.kopf.conftest import NODE, FakeShimServer, Kubectl, operator_thread
 
 SHA_A, SHA_B = "a" * 40, "b" * 40
 
@@ -42,7 +42,7 @@ def status_where(kube: Kube, name: str, **wanted: Any) -> dict[str, Any] | None:
 
 
 def test_apply_runs_then_follows_spec_commits_and_problems(
-    api: EmulatorThread, kube: Kube, shim: FakeShimServer
+    api: EmulatorThread, kube: Kube, shim: FakeShimServer, kubectl: Kubectl
 ) -> None:
     shim.fake.heads["web"] = SHA_A
     with operator_thread(api.url, shim.fake.socket):
@@ -56,6 +56,8 @@ def test_apply_runs_then_follows_spec_commits_and_problems(
         assert running["status"]["appliedRevision"] == f"main@sha1:{SHA_A}"
         assert running["metadata"]["finalizers"] == [FINALIZER]
         assert not any(k.startswith("kopf") for k in running["status"]), "kopf keys in status"
+        row = kubectl("get", "tenants", "--no-headers").split()
+        assert row[:6] == ["web", "nspawn", "Running", SHA_A[:7], NODE, "True"]
 
         # A spec change: a new generation, observed once reconciled.
         kube.merge(f"{TENANTS}/web", {"spec": {"resources": {"memory": "64Mi"}}})
