@@ -204,9 +204,15 @@ def test_reboot_brings_tenants_back_at_their_last_applied_revision(
     commit = write_revision(deployment.repos / "alpha", "alpha", "r2")
     status = ok(host, "PUT", "/v1/machines/alpha", spec("alpha", deployment.repos, True))
     assert status["appliedRevision"] == commit
-    # No operator, no shim, no network: only the generator and setup-tenant@ may do it.
+    # No operator, no shim, no network: only the generator and setup-tenant@ may do it, and
+    # the tenant repo is out of reach too.
     host.enter("systemctl", "disable", "--now", "bitbuilder-hostshim.service")
-    host.reboot()
+    repo, offline = deployment.repos / "alpha", deployment.repos / "alpha.offline"
+    repo.rename(offline)
+    try:
+        host.reboot()
+    finally:
+        offline.rename(repo)
     assert deployment.machines() == sorted(TENANTS)
     for name in TENANTS:
         unit = f"setup-tenant@{name}.service"
