@@ -150,6 +150,7 @@ class MachineManager:
         self._busy: dict[str, MachinePhase] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
+        self._states_guard = threading.Lock()  # the dicts above change while status is read
 
     # --- locking and persistence ----------------------------------------------------------
 
@@ -159,7 +160,18 @@ class MachineManager:
 
     def _save(self, state: TenantState) -> None:
         self.store.save(state)
-        self._states[state.name] = state.model_copy(deep=True)
+        snapshot = state.model_copy(deep=True)
+        with self._states_guard:
+            self._states[state.name] = snapshot
+
+    def _names(self) -> list[str]:
+        with self._states_guard:
+            return sorted(self._states)
+
+    def _forget(self, name: str) -> None:
+        with self._states_guard:
+            self._states.pop(name, None)
+            self._broken.pop(name, None)
 
     @contextmanager
     def _phase(self, name: str, phase: MachinePhase) -> Iterator[None]:
@@ -211,7 +223,7 @@ class MachineManager:
 
     def resume(self) -> None:
         """Finish half-done work and bring up what should run (after startup())."""
-        for name in list(self._states):
+        for name in self._names():
             with self._lock(name):
                 state = self._current_state(name)
                 if state is None:
@@ -276,7 +288,11 @@ class MachineManager:
         self._converge(state, checkout)
 
     def _suspend(self, state: TenantState) -> None:
-        self.runner.stop(state.name)
+        try:
+            self.runner.stop(state.name)
+        except Exception as exc:
+            state.machine_error = self._error(exc)
+            return
         if state.applied is not None:
             state.applied.running = False
         state.machine_error = None
@@ -303,8 +319,16 @@ class MachineManager:
         if running is not None and state.failed_target == target:
             return  # this exact target failed before; the previous machine keeps running
         with self._phase(spec.name, MachinePhase.updating if running else MachinePhase.starting):
-            if running is not None:
-                self.runner.stop(spec.name)
+            try:
+                if running is not None:
+                    self.runner.stop(spec.name)
+            except Exception as exc:
+                # The old machine still runs; the target is not known to be bad: retried later.
+                state.machine_error = self._error(
+                    exc, state.applied.revision if state.applied else None
+                )
+                log.warning("tenant %s: stop failed: %s", spec.name, state.machine_error.message)
+                return
             try:
                 self.runner.start(spec, checkout)
             except Exception as exc:
@@ -398,7 +422,7 @@ class MachineManager:
 
     def list_machines(self) -> list[MachineStatus]:
         statuses = []
-        for name in sorted(self._states):
+        for name in self._names():
             state = self._current_state(name) if name not in self._broken else None
             if state is not None:
                 statuses.append(self._status(state))
@@ -470,8 +494,7 @@ class MachineManager:
         self.store.remove(name)  # last: a crash before this resumes the delete at startup
         if paths.root.is_dir() and not any(paths.root.iterdir()):
             paths.root.rmdir()
-        self._states.pop(name, None)
-        self._broken.pop(name, None)
+        self._forget(name)
 
     def restart(self, name: str) -> MachineStatus:
         checked_name(name)
@@ -503,7 +526,7 @@ class MachineManager:
         A tenant busy with other work is skipped (its lock is held): the next check sees it.
         """
         corrected = []
-        for name in list(self._states):
+        for name in self._names():
             lock = self._lock(name)
             if not lock.acquire(blocking=False):
                 continue
@@ -538,6 +561,13 @@ class MachineManager:
                 self._start_applied(state)
             except Exception as exc:
                 state.machine_error = self._error(exc, applied.revision)
+                self._record_drift(
+                    state,
+                    "MachineRestartFailed",
+                    f"machine was not running; restarting it failed: {state.machine_error.message}",
+                )
+                return True
+        state.machine_error = None
         self._record_drift(state, "MachineRestarted", "machine was not running; restarted")
         return True
 

@@ -103,6 +103,7 @@ class FakeRunner:
         self.starts: list[str] = []
         self.stops: list[str] = []
         self.fail_images: set[str] = set()  # specs with this image fail to start
+        self.fail_stop: set[str] = set()  # machines that cannot be stopped
         self.lock = threading.Lock()
 
     def start(self, spec: MachineSpec, checkout: Checkout | None) -> FakeMachine:
@@ -124,6 +125,8 @@ class FakeRunner:
             return machine
 
     def stop(self, name: str) -> None:
+        if name in self.fail_stop:
+            raise MachineError(f"machine {name} does not stop", reason="StopFailed")
         with self.lock:
             if self.machines.pop(name, None) is not None:
                 self.stops.append(name)

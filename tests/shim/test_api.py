@@ -196,3 +196,19 @@ def test_healthz_answers_while_a_put_is_busy(fake_shim: FakeShim) -> None:
         gate.set()
         worker.join(30)
     assert result == [200]
+
+
+def test_runner_failures_are_status_not_server_errors(fake_shim: FakeShim) -> None:
+    first = status(fake_shim.client.put(machine_spec()).body)
+    fake_shim.runner.fail_stop.add("web")
+    fake_shim.remote.push(REPO_URL, "main", "c2")
+    reply = fake_shim.client.put(machine_spec())
+    assert reply.status == 200
+    st = status(reply.body)
+    assert st.machine_error is not None and st.machine_error.reason == "StopFailed"
+    assert st.leader_pid == first.leader_pid and st.applied_revision == commit_id("c1")
+    st = status(fake_shim.client.put(machine_spec(suspend=True)).body)
+    assert st.machine_error is not None and st.machine_error.reason == "StopFailed"
+    fake_shim.runner.fail_stop.clear()
+    st = status(fake_shim.client.put(machine_spec()).body)
+    assert st.machine_error is None and st.applied_revision == commit_id("c2")

@@ -131,3 +131,17 @@ def test_drift_state_survives_a_restart(fake_shim: FakeShim) -> None:
     assert status(fake_shim.client.get("web").body).drift_corrections == 1
     state = StateStore(fake_shim.config).load("web")
     assert isinstance(state, TenantState) and state.drift.count == 1
+
+
+def test_drift_reports_a_restart_that_fails(fake_shim: FakeShim) -> None:
+    fake_shim.client.put(machine_spec())
+    fake_shim.runner.kill("web")
+    fake_shim.runner.fail_images.add("base")
+    assert fake_shim.manager.check_drift() == ["web"]
+    st = status(fake_shim.client.get("web").body)
+    assert st.phase == "Failed" and st.machine_error is not None
+    assert st.last_drift is not None and st.last_drift.reason == "MachineRestartFailed"
+    fake_shim.runner.fail_images.clear()
+    assert fake_shim.manager.check_drift() == ["web"]
+    st = status(fake_shim.client.get("web").body)
+    assert st.phase == "Running" and st.machine_error is None and st.drift_corrections == 2
