@@ -28,3 +28,5 @@ class ShimConfig:
     executor: str = "auto"
     node_name: str = field(default_factory=lambda: os.uname().nodename)
     max_body_bytes: int = 1 << 20
+    # Host-local addresses for machine links: one /30 per isolated machine, never routed.
+    machine_network_pool: str = "10.250.0.0/16"

@@ -178,13 +178,16 @@ class DirectExecutor:
         return MachineCgroups.from_json(data)
 
     def terminate(self, name: str, timeout: float) -> None:
-        """SIGTERM (nspawn powers the machine off), then SIGKILL everything in its cgroups."""
+        """SIGTERM (nspawn powers the machine off); past `timeout` a second SIGTERM (nspawn
+        kills the machine), then SIGKILL; finally SIGKILL whatever is left in its cgroups."""
         pid = self.pid(name)
         if pid is not None:
             signal_pid(pid, signal.SIGTERM)
             if not wait_exit(pid, timeout):
-                signal_pid(pid, signal.SIGKILL)
-                wait_exit(pid, KILL_DEADLINE)
+                signal_pid(pid, signal.SIGTERM)  # nspawn: a second one ends the machine at once
+                if not wait_exit(pid, KILL_DEADLINE):
+                    signal_pid(pid, signal.SIGKILL)
+                    wait_exit(pid, KILL_DEADLINE)
         cgroups = self.cgroups(name)
         if cgroups is not None:
             self._empty(cgroups)

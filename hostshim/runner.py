@@ -11,6 +11,7 @@ it even after a crash that lost the run record.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -152,6 +153,7 @@ class Runner:
         self.images = images
         self.executor = executor
         self.scope = shim_scope(config)
+        self.pool = ipaddress.IPv4Network(config.machine_network_pool)
 
     # --- start -----------------------------------------------------------------------------
 
@@ -181,7 +183,7 @@ class Runner:
         etc_layers, usr_layers = self._layers(paths, layout, init)
         link = None
         if spec.network.mode is NetworkMode.isolated:
-            link = prepare_link(self.scope, spec.name, spec.network)
+            link = prepare_link(self.scope, spec.name, spec.network, self.pool)
         started_at = datetime.now(UTC)
         revision = checkout.revision if checkout is not None else None
         self._write_record(paths, link, started_at, revision)
