@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -92,9 +93,8 @@ class ShimClient:
                 params=params,
                 timeout=aiohttp.ClientTimeout(total=timeout or self.timeout),
             ) as response:
-                payload = (
-                    await response.json(content_type=None) if response.content_length else None
-                )
+                raw = await response.read()
+                payload = json.loads(raw) if raw else None
                 if response.status >= 400:
                     raise ShimApiError(response.status, _api_error(response.status, payload))
                 return response.status, payload
@@ -102,6 +102,8 @@ class ShimClient:
             raise ShimUnavailable(f"host shim at {self.socket} unreachable: {exc}") from exc
         except TimeoutError as exc:
             raise ShimUnavailable(f"host shim at {self.socket}: {method} {path} timed out") from exc
+        except ValueError as exc:  # not JSON: not the shim this client knows
+            raise ShimError(f"{method} {path}: the shim's answer is not JSON: {exc}") from exc
 
     async def _typed(self, model: type[M], method: str, path: str, **kw: Any) -> M:
         _, payload = await self._call(method, path, **kw)
