@@ -108,7 +108,7 @@ def deployment(testhost: TestHost, shared_dir: Path) -> Iterator[Deployment]:
     testhost.enter("mkdir", "-p", str(Path(DROP_IN).parent))
     testhost.enter(
         "sh", "-c", f"printf '[Service]\\nExecStart=\\nExecStart=bitbuilder-hostshim "
-        f"--executor=systemd {flags}\\n' > {DROP_IN}"
+        f"{flags}\\n' > {DROP_IN}"
     )  # fmt: skip
     testhost.enter("systemctl", "daemon-reload")
     testhost.enter("systemctl", "enable", "bitbuilder-hostshim.service")
