@@ -7,20 +7,25 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
+
 from tests.foundation.conftest import REPO
 
 
-def _python(code: str) -> str:
+def _python(code: str, *flags: str) -> str:
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
+        [sys.executable, *flags, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     return done.stdout.strip()
 
 
-def test_import_operator_from_the_repo_root_is_the_standard_library() -> None:
-    path = Path(_python("import operator; print(operator.__file__)"))
+@pytest.mark.parametrize("flags", [(), ("-S",)], ids=["site", "no-site"])
+def test_import_operator_from_the_repo_root_is_the_standard_library(flags: tuple[str]) -> None:
+    """`-c` puts the repo root first on sys.path. Without -S, .pth files of site-packages may
+    import `operator` before that and hide a shadowing folder; -S shows the plain truth."""
+    path = Path(_python("import operator; print(operator.__file__)", *flags))
     assert path.parent == Path(sysconfig.get_paths()["stdlib"])
-    assert _python("import operator; print(operator.itemgetter(1)('ab'))") == "b"
+    assert _python("import operator; print(operator.itemgetter(1)('ab'))", *flags) == "b"
 
 
 def test_the_packages_import_under_their_own_names() -> None:
