@@ -131,6 +131,37 @@ def _wanted_by(unit: Path) -> list[str]:
     return targets
 
 
+def _real_dir_below(base: Path, path: Path) -> bool:
+    """Is `path` a directory below `base` reached without any symlink? nspawn follows
+    symlinks in layer paths on the host, so a tenant's symlink must never get there."""
+    try:
+        parts = path.relative_to(base).parts
+    except ValueError:
+        return False
+    current = base
+    for part in parts:
+        current = current / part
+        try:
+            if not stat.S_ISDIR(os.lstat(current).st_mode):
+                return False
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def tree_layers(root: Path, trees: dict[str, Path], top: str) -> list[Path]:
+    """Each extension tree's `top` dir (etc/ or usr/), lowest (first by name) first."""
+    layers = []
+    for name in sorted(trees):
+        layer = trees[name] / top
+        if not os.path.lexists(layer):
+            continue  # e.g. a sysext with only opt/
+        if not _real_dir_below(root, layer):
+            raise MachineError(f"extension {name!r}: {top}/ is not a real directory of the tree")
+        layers.append(layer)
+    return layers
+
+
 def build_units_layer(dest: Path, units: dict[str, Path]) -> Path:
     """An etc/ tree with the repo's units in systemd/system and their WantedBy= links."""
     system = dest / "etc/systemd/system"
@@ -232,8 +263,8 @@ class Runner:
     ) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
         if layout is None:
             return (), ()
-        etc = [layout.confext[n] / "etc" for n in sorted(layout.confext)]
-        usr = [layout.sysext[n] / "usr" for n in sorted(layout.sysext)]
+        etc = tree_layers(layout.root, layout.confext, "etc")
+        usr = tree_layers(layout.root, layout.sysext, "usr")
         if layout.units and init is InitKind.systemd:
             etc.insert(0, build_units_layer(paths.run / "units", layout.units))
         return tuple(etc), tuple(usr)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bitbuilder.hostshim.errors import MachineError
-from bitbuilder.hostshim.runner import build_units_layer
+from bitbuilder.hostshim.runner import build_units_layer, tree_layers
 from bitbuilder.hostshim.runtime.nspawn import InitKind, NspawnMachine, detect_init, nspawn_argv
 
 
@@ -118,3 +118,18 @@ def test_units_layer_copies_units_and_enables_wanted_ones(tmp_path: Path) -> Non
     (repo / "link.service").symlink_to("/etc/passwd")
     with pytest.raises(MachineError):
         build_units_layer(tmp_path / "layer2", {"link.service": repo / "link.service"})
+
+
+def test_extension_layers_never_pass_through_symlinks(tmp_path: Path) -> None:
+    root = tmp_path / "rev"
+    (root / "confext/good/etc").mkdir(parents=True)
+    (root / "sysext/opt-only/opt").mkdir(parents=True)
+    (root / "confext/evil").mkdir(parents=True)
+    (root / "confext/evil/etc").symlink_to("/etc")
+    (root / "confext/linked").symlink_to("/")
+    good = {"good": root / "confext/good"}
+    assert tree_layers(root, good, "etc") == [root / "confext/good/etc"]
+    assert tree_layers(root, {"opt-only": root / "sysext/opt-only"}, "usr") == []
+    for name in ("evil", "linked"):
+        with pytest.raises(MachineError, match=name):
+            tree_layers(root, {name: root / "confext" / name}, "etc")
