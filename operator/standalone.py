@@ -184,7 +184,7 @@ class Standalone:
                     if tenant is None:
                         if await self._remove(name):
                             return
-                        delay = 0.0
+                        delay = jittered(BACKOFF_MIN)  # still there: ask again shortly
                         continue
                     delay = await self._reconcile(name, tenant)
                 failures = 0
