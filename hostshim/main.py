@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,6 +29,7 @@ from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.runner import Runner
 from bitbuilder.hostshim.server import serve
 from bitbuilder.hostshim.source import GitSource
+from bitbuilder.hostshim.systemd.activation import listen_socket
 
 log = logging.getLogger("bitbuilder.hostshim")
 
@@ -92,17 +94,23 @@ def build_manager(config: ShimConfig) -> MachineManager:
     return MachineManager(config, runner, images, source_for, load_layout)
 
 
-async def _run(manager: MachineManager, config: ShimConfig, drift_interval: float | None) -> None:
+async def _run(
+    manager: MachineManager,
+    config: ShimConfig,
+    drift_interval: float | None,
+    activated: socket.socket | None,
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    await serve(manager, config, stop, drift_interval=drift_interval)
+    await serve(manager, config, stop, drift_interval=drift_interval, activated=activated)
     log.info("stopped serving; machines keep running")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    activated = listen_socket()  # first: no child may inherit the activation variables
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -112,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     manager = build_manager(config)
     manager.startup()
     try:
-        asyncio.run(_run(manager, config, args.drift_interval or None))
+        asyncio.run(_run(manager, config, args.drift_interval or None, activated))
     except RuntimeError as exc:  # e.g. another shim serves the socket
         log.error("%s", exc)
         return 1

@@ -383,20 +383,25 @@ async def serve(
     *,
     drift_interval: float | None = 30.0,
     ready: Callable[[], None] | None = None,
+    activated: socket.socket | None = None,
 ) -> None:
-    """Serve until `stop` is set. Machines keep running after: they do not belong to the shim."""
+    """Serve until `stop` is set. Machines keep running after: they do not belong to the shim.
+
+    `activated` is a listening socket systemd passed (socket activation): used as it is, and
+    left in place at exit, since systemd owns it."""
     app = ShimApp(manager, config, drift_interval).build()
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    sock = bind_socket(config)
+    sock = activated or bind_socket(config)
     try:
         await web.SockSite(runner, sock).start()
-        log.info("serving on %s", config.socket_path)
+        log.info("serving on %s", sock.getsockname() or config.socket_path)
         if ready is not None:
             ready()
         await stop.wait()
     finally:
         await runner.cleanup()
         sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            config.socket_path.unlink()
+        if activated is None:
+            with contextlib.suppress(FileNotFoundError):
+                config.socket_path.unlink()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,16 +30,31 @@ def _healthy(client: ShimClient) -> bool:
         return False
 
 
+# Put the passed socket at fd 3, name this process in LISTEN_PID, exec the daemon (same pid).
+_ACTIVATE = """
+import os, sys
+os.dup2(int(sys.argv[1]), 3)
+os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1")
+os.execv(sys.argv[2], sys.argv[2:])
+"""
+
+
 @contextmanager
-def daemon(config: ShimConfig, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+def daemon(
+    config: ShimConfig, log: Path, activated: socket.socket | None = None
+) -> Iterator[subprocess.Popen[bytes]]:
     argv = [
         DAEMON, "--state-dir", str(config.state_dir), "--runtime-dir", str(config.runtime_dir),
         "--socket", str(config.socket_path), "--executor", "direct", "--drift-interval", "0",
         *[a for p in config.trusted_image_paths for a in ("--trusted-image-path", str(p))],
         *[a for p in config.file_source_roots for a in ("--file-source-root", str(p))],
     ]  # fmt: skip
+    passed: tuple[int, ...] = ()
+    if activated is not None:  # what systemd does: the socket as fd 3, LISTEN_PID = the service
+        passed = (activated.fileno(),)
+        argv = [sys.executable, "-c", _ACTIVATE, str(passed[0]), *argv]
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, pass_fds=passed)
     try:
         client = ShimClient(str(config.socket_path))
         wait_for(lambda: proc.poll() is not None or _healthy(client), what="the shim to serve")
@@ -58,6 +74,23 @@ def test_daemon_serves_then_stops_on_sigterm(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert not config.socket_path.exists()
+
+
+def test_daemon_uses_a_socket_systemd_passed(tmp_path: Path) -> None:
+    config = real_config(tmp_path)
+    config.socket_path.parent.mkdir(parents=True)
+    listening = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listening.bind(str(config.socket_path))
+    listening.listen(8)
+    try:
+        # A live socket at the path: a shim that tried to bind it itself would refuse to start.
+        with daemon(config, tmp_path / "shim.log", activated=listening) as proc:
+            assert ShimClient(str(config.socket_path)).request("GET", "/healthz").status == 200
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0
+        assert config.socket_path.exists(), "the socket belongs to systemd: left in place"
+    finally:
+        listening.close()
 
 
 @pytest.mark.nspawn
