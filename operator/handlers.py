@@ -33,12 +33,19 @@ from bitbuilder.operator.api import (
     TenantPhase,
     TenantStatus,
 )
-from bitbuilder.operator.reconcile import NO_SOURCE_INTERVAL, Node, finalize, reconcile
+from bitbuilder.operator.reconcile import (
+    NO_SOURCE_INTERVAL,
+    Node,
+    finalize,
+    placed_here,
+    reconcile,
+)
 from bitbuilder.operator.shimclient import ShimClient, ShimError
 from bitbuilder.operator.translate import SecretData, SecretNotFound, SecretResolver
 
 KOPF_ANNOTATION_PREFIX = "kopf.bitbuilder.io"
 FINALIZE_RETRY = 3.0
+OTHER_NODE_RETRY = 10.0
 Login = Callable[..., Any]
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
@@ -163,8 +170,20 @@ class Driver:
             await self.sync(body, logger)
 
     async def remove(self, body: kopf.Body, logger: Logger) -> None:
-        """The finalizer: release it only once the shim says the machine is gone."""
+        """The finalizer: release it only once the shim says the machine is gone. Every node's
+        operator sees the delete; only the node the machine runs on may release the finalizer
+        while a machine is reported (the others wait for it)."""
         name = body["metadata"]["name"]
+        tenant = Tenant.from_object(dict(body))
+        machine = tenant.status.machine if tenant.status is not None else None
+        elsewhere = machine.node if machine is not None and machine.node != self.node.name else None
+        if not placed_here(tenant, self.node) and (machine is None or elsewhere is not None):
+            if elsewhere is not None:
+                raise kopf.TemporaryError(
+                    f"the machine runs on node {elsewhere}: waiting for it to be removed there",
+                    delay=OTHER_NODE_RETRY,
+                )
+            return
         async with self.locks.setdefault(name, asyncio.Lock()):
             last = self.last.get(name) or TenantStatus.model_validate(body.get("status") or {})
             if last.phase is not TenantPhase.terminating:
@@ -175,7 +194,7 @@ class Driver:
                     body, type="Normal", reason="Terminating", message="removing the machine"
                 )
             try:
-                gone = await finalize(Tenant.from_object(dict(body)), self.shim)
+                gone = await finalize(tenant, self.shim)
             except ShimError as exc:
                 kopf.event(body, type="Warning", reason="ShimUnavailable", message=str(exc))
                 raise kopf.TemporaryError(
