@@ -57,6 +57,7 @@ class FakeShim:
     runner: FakeRunner = field(default_factory=FakeRunner)
     images: FakeImages = field(default_factory=FakeImages)
     server: ServerThread | None = None
+    drift_interval: float | None = None  # None: tests call check_drift() themselves
 
     def __post_init__(self) -> None:
         self.client = ShimClient(str(self.config.socket_path))
@@ -77,7 +78,7 @@ class FakeShim:
     def start(self) -> FakeShim:
         self.manager = self.new_manager()
         self.manager.startup()
-        self.server = ServerThread(self.manager, self.config).start()
+        self.server = ServerThread(self.manager, self.config, self.drift_interval).start()
         wait_resumed(self.client)
         return self
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
-from bitbuilder.hostshim.api import MachineSpec, MachineStatus
+from bitbuilder.hostshim.api import ImageSpec, MachineSpec, MachineStatus
 from bitbuilder.hostshim.state import Intent, StateStore, TenantState
-from tests.shim.conftest import REPO_URL, FakeShim, machine_spec
+from tests.helpers.wait import wait_for
+from tests.shim.conftest import REPO_URL, FakeShim, machine_spec, shim_config
 from tests.shim.fakes import commit_id
 
 
@@ -145,3 +147,24 @@ def test_drift_reports_a_restart_that_fails(fake_shim: FakeShim) -> None:
     assert fake_shim.manager.check_drift() == ["web"]
     st = status(fake_shim.client.get("web").body)
     assert st.phase == "Running" and st.machine_error is None and st.drift_corrections == 2
+
+
+def test_the_server_checks_for_drift_on_its_own(tmp_path: Path) -> None:
+    shim = FakeShim(shim_config(tmp_path), drift_interval=0.05)
+    shim.remote.push(REPO_URL, "main", "c1")
+    shim.images.put("base", ImageSpec(path="/srv/images/base"))
+    shim.start()
+    try:
+        first = status(shim.client.put(machine_spec()).body)
+        shim.runner.kill("web")
+        again = wait_for(
+            lambda: (
+                (st := status(shim.client.get("web").body)).leader_pid
+                not in (None, first.leader_pid)
+                and st
+            ),
+            what="the periodic drift check to restart the machine",
+        )
+        assert again.last_drift is not None and again.last_drift.reason == "MachineRestarted"
+    finally:
+        shim.stop()
