@@ -28,12 +28,12 @@ from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
 from tests.helpers.fakeshim import FakeShim
 from tests.helpers.fakeshim import _app as fake_shim_app
-from tests.helpers.gitserve import git_daemon
 from tests.helpers.kube_emulator import Emulator, EmulatorThread
 from tests.helpers.kube_http import Kube
 from tests.helpers.loop_thread import LoopThread
-from tests.helpers.rootfs import cached_busybox_rootfs
-from tests.standalone.conftest import Host
+
+# The real host (shim process, nspawn, git daemon) is standalone mode's test host.
+from tests.standalone.conftest import busybox_rootfs, host  # noqa: F401
 
 NODE = "node1"
 
@@ -131,23 +131,3 @@ def operator_thread(url: str, socket: Path) -> Iterator[Driver]:
         stop.set()
         thread.join(30)
         api.close()  # type: ignore[no-untyped-call]
-
-
-@pytest.fixture(scope="session")
-def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return cached_busybox_rootfs(tmp_path_factory.getbasetemp() / "rootfs-cache")
-
-
-@pytest.fixture
-def host(tmp_path: Path, busybox_rootfs: Path) -> Iterator[Host]:
-    """A real host shim process (direct executor, real nspawn) and git daemon on loopback:
-    standalone mode's test host (tests/standalone/conftest.py), which removes everything."""
-    served = tmp_path / "git"
-    served.mkdir()
-    with git_daemon(served) as server:
-        real = Host(tmp_path, server, busybox_rootfs)
-        try:
-            real.start_shim()
-            yield real
-        finally:
-            real.teardown()

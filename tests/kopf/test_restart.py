@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -14,18 +13,12 @@ from pathlib import Path
 import pytest
 
 from bitbuilder.hostshim.api import MachineSpec, MachineStatus
+from bitbuilder.operator.demohost import free_port
 from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
 from tests.kopf.conftest import NODE, FakeShimServer
 from tests.kopf.test_operator import SHA_A, status_where, tenant
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def healthy(url: str) -> bool:
