@@ -68,8 +68,14 @@ def link_entry_points(bin_dir: Path) -> list[Path]:
 
 
 def install(
-    unit_dir: Path, generator_dir: Path, bin_dir: Path, network_dir: Path, state_dir: Path
+    unit_dir: Path,
+    generator_dir: Path,
+    bin_dir: Path,
+    network_dir: Path,
+    state_dir: Path = DEFAULT_STATE_DIR,
 ) -> list[Path]:
+    """Write everything; returns the paths written. The units, like the shim, use the default
+    state dir; `state_dir` is where the generator looks (a test points it elsewhere)."""
     written = [networkd.install(network_dir)]
     for unit in UNITS:
         _write(unit_dir / unit, shipped_unit(unit), 0o644)
@@ -87,13 +93,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--bin-dir", type=Path, default=Path("/usr/local/bin"))
     parser.add_argument("--network-dir", type=Path, default=networkd.NETWORK_DIR)
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.add_argument("--no-reload", action="store_true", help="skip systemctl daemon-reload")
     parser.add_argument("--enable", action="store_true", help="enable and start the shim")
     args = parser.parse_args(argv)
-    for path in install(
-        args.unit_dir, args.generator_dir, args.bin_dir, args.network_dir, args.state_dir
-    ):
+    for path in install(args.unit_dir, args.generator_dir, args.bin_dir, args.network_dir):
         print(f"installed {path}")
     if not args.no_reload:
         systemctl.daemon_reload()
