@@ -64,7 +64,18 @@ CULPRIT_UNITS = (
     "fstrim.timer",
     "systemd-timesyncd.service",
 )
-CGROUP2_ROOT = Path("/sys/fs/cgroup/unified")
+
+
+def _cgroup2_root() -> Path:
+    """Where the container's own cgroup directory goes: the hybrid layout's unified part (these
+    machines), or the whole tree on a cgroup2-only machine."""
+    for candidate in (Path("/sys/fs/cgroup/unified"), Path("/sys/fs/cgroup")):
+        if (candidate / "cgroup.controllers").exists():
+            return candidate
+    return Path("/sys/fs/cgroup/unified")
+
+
+CGROUP2_ROOT = _cgroup2_root()
 
 
 def cache_key() -> str:
