@@ -57,6 +57,7 @@ VERBS = ("create", "delete", "get", "list", "patch", "update", "watch")
 MERGE_PATCHES = ("application/merge-patch+json", "application/strategic-merge-patch+json")
 JSON_PATCH = "application/json-patch+json"
 _CHANGES = ("ADDED", "MODIFIED", "DELETED")
+_NAME_ALPHABET = "bcdfghjklmnpqrstvwxz2456789"
 
 
 class ApiStatus(Exception):
@@ -281,8 +282,11 @@ class Emulator(kmock.KubernetesEmulator):
         self, raw: aiohttp.web.BaseRequest, route: Route, rtype: ResourceType, obj: Obj, dry: bool
     ) -> Obj:
         meta = obj.setdefault("metadata", {})
-        if not meta.get("name") and meta.get("generateName"):
-            meta["name"] = meta["generateName"] + secrets.token_hex(3)[:5]
+        while not meta.get("name") and meta.get("generateName"):
+            # 5 characters of the API server's alphabet; on a clash, draw again (as it does)
+            suffix = "".join(secrets.choice(_NAME_ALPHABET) for _ in range(5))
+            if (rtype.key, route.namespace, meta["generateName"] + suffix) not in self.store:
+                meta["name"] = meta["generateName"] + suffix
         if not meta.get("name"):
             raise self._invalid(
                 rtype, "", ["metadata.name: Required value: name or generateName is required"]

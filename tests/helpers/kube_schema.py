@@ -1,7 +1,8 @@
 """What an API server does with a CustomResourceDefinition, for the emulated API.
 
-From the CRD's own openAPIV3Schema: structural pruning of unknown fields, defaulting, and
-validation (jsonschema, after turning the Kubernetes-only keywords into plain JSON Schema);
+From the CRD's own openAPIV3Schema: structural pruning of unknown fields, defaulting,
+validation (jsonschema, after turning the Kubernetes-only keywords into plain JSON Schema) and
+its x-kubernetes-validations CEL rules (tests/helpers/cel_rules.py);
 from its additionalPrinterColumns: the server-side Table that `kubectl get` prints.
 """
 
@@ -15,6 +16,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import jsonschema
+
+from tests.helpers.cel_rules import cel_violations
 
 Obj = dict[str, Any]
 TABLE_META = {"kind": "Table", "apiVersion": "meta.k8s.io/v1"}
@@ -102,6 +105,8 @@ def admit(rtype: ResourceType, obj: Obj) -> Admission:
         value = json.dumps(error.instance, default=str)
         value = value if len(value) <= 80 else value[:77] + "..."
         result.errors.append(f"{path}: Invalid value: {value}: {error.message}")
+    if not result.errors:  # the server runs CEL rules only on schema-valid objects
+        result.errors += cel_violations(rtype.schema, obj)
     return result
 
 

@@ -120,6 +120,10 @@ def test_validation_against_the_crd_schema(kube: Kube) -> None:
     bad["spec"]["runtime"] = "docker"
     code, answer = kube.request("POST", TENANTS, bad)
     assert code == 422 and "spec.runtime" in answer["message"]
+    no_digest = tenant()
+    no_digest["spec"]["image"]["url"] = "https://images.example/base.tar"
+    code, answer = kube.request("POST", TENANTS, no_digest)
+    assert code == 422 and "sha256" in answer["message"], "the CRD's CEL rules are enforced"
     unknown = tenant()
     unknown["spec"]["colour"] = "blue"
     assert kube.request("POST", f"{TENANTS}?fieldValidation=Strict", unknown)[0] == 400
