@@ -178,6 +178,16 @@ def build_units_layer(dest: Path, units: dict[str, Path]) -> Path:
     return dest / "etc"
 
 
+def _capped(paths: TenantPaths, layers: list[Path], top: str) -> tuple[Path, ...]:
+    """`layers` under an empty topmost layer of our own: nspawn makes its overlay work dir
+    beside the topmost path, which must never be inside the tenant's revision tree."""
+    if not layers:
+        return ()
+    cap = paths.run / "layer-caps" / top
+    cap.mkdir(parents=True, exist_ok=True)
+    return (*layers, cap)
+
+
 class Runner:
     def __init__(self, config: ShimConfig, images: ImageStore, executor: Executor) -> None:
         self.config = config
@@ -267,7 +277,7 @@ class Runner:
         usr = tree_layers(layout.root, layout.sysext, "usr")
         if layout.units and init is InitKind.systemd:
             etc.insert(0, build_units_layer(paths.run / "units", layout.units))
-        return tuple(etc), tuple(usr)
+        return _capped(paths, etc, "etc"), _capped(paths, usr, "usr")
 
     def _await_leader(self, name: str, pid: int, paths: TenantPaths, init: InitKind) -> int:
         def leader() -> int | None:

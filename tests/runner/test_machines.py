@@ -79,7 +79,9 @@ def test_extension_trees_are_layered_read_only(shim: Shim, tmp_path: Path) -> No
         settings=RepoSettings(hostname="web-1", environment={"GREETING": "hi there"}),
     )
     checkout = Checkout(commit="a" * 40, ref="main", tree=tree, layout=layout)
+    before = sorted(tree.rglob("*"))
     machine = shim.start(checkout=checkout, repoSettings=["hostname", "environment"])
+    assert sorted(tree.rglob("*")) == before, "nothing is written into the revision tree"
 
     assert machine.revision == f"main@sha1:{'a' * 40}"
     assert shim.run_in(machine, "cat", f"/etc/{marker}").stdout == "hello from confext\n"
