@@ -370,6 +370,16 @@ class MachineSpec(WireModel):
     suspend: bool = Field(False, description="Stop the machine, keep its data.")
     keep_data_on_delete: bool = False
 
+    def wire_secret(self) -> dict[str, object]:
+        """The JSON form with credentials revealed: only for the request body to the shim and
+        the shim's own 0600 state file."""
+        data = self.wire()
+        if self.source is not None and self.source.credentials is not None:
+            source = data["source"]
+            assert isinstance(source, dict)
+            source["credentials"] = self.source.credentials.wire_secret()
+        return data
+
 
 # --- MachineStatus ---------------------------------------------------------------------------
 

@@ -40,16 +40,6 @@ class StateError(ShimError):
     reason = "StateUnreadable"
 
 
-def spec_document(spec: MachineSpec) -> dict[str, Any]:
-    """The spec's JSON form with credentials revealed: only for the 0600 state file."""
-    doc = spec.wire()
-    if spec.source is not None and spec.source.credentials is not None:
-        source = doc["source"]
-        assert isinstance(source, dict)
-        source["credentials"] = spec.source.credentials.wire_secret()
-    return doc
-
-
 def _secret_digest(value: str) -> str:
     return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
 
@@ -62,8 +52,9 @@ def _canonical_hash(doc: object) -> str:
 def spec_hash(spec: MachineSpec) -> str:
     """A stable hash of the whole spec. Secrets enter only as their own digests: a credential
     change is noticed, yet the hash reveals nothing about them."""
-    doc = spec_document(spec)
-    credentials = (doc.get("source") or {}).get("credentials")
+    doc = spec.wire_secret()
+    source = doc.get("source")
+    credentials = source.get("credentials") if isinstance(source, dict) else None
     if isinstance(credentials, dict):
         for key in ("password", "sshPrivateKey"):
             if key in credentials:
@@ -107,7 +98,7 @@ class AppliedState(_StateModel):
 
     @field_serializer("spec")
     def _spec_with_secrets(self, spec: MachineSpec) -> dict[str, Any]:
-        return spec_document(spec)
+        return spec.wire_secret()
 
     @property
     def revision(self) -> str | None:
@@ -138,7 +129,7 @@ class TenantState(_StateModel):
 
     @field_serializer("desired")
     def _desired_with_secrets(self, spec: MachineSpec) -> dict[str, Any]:
-        return spec_document(spec)
+        return spec.wire_secret()
 
     @classmethod
     def new(cls, spec: MachineSpec) -> TenantState:

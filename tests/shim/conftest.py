@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import pytest
 
@@ -48,34 +47,19 @@ def machine_spec(name: str = "web", **overrides: Any) -> dict[str, Any]:
     return spec
 
 
-@dataclass
-class FakeShim:
-    """A served shim over fakes; restart() replaces the manager and server, keeps the fakes."""
+class ServedShim:
+    """A shim server in a thread over this config; subclasses say what the manager drives."""
 
-    config: ShimConfig
-    remote: FakeRemote = field(default_factory=FakeRemote)
-    runner: FakeRunner = field(default_factory=FakeRunner)
-    images: FakeImages = field(default_factory=FakeImages)
-    server: ServerThread | None = None
-    drift_interval: float | None = None  # None: tests call check_drift() themselves
-
-    def __post_init__(self) -> None:
-        self.client = ShimClient(str(self.config.socket_path))
+    def __init__(self, config: ShimConfig, drift_interval: float | None = None) -> None:
+        self.config = config
+        self.drift_interval = drift_interval  # None: tests call check_drift() themselves
+        self.client = ShimClient(str(config.socket_path))
+        self.server: ServerThread | None = None
 
     def new_manager(self) -> MachineManager:
-        def source_for(paths: TenantPaths) -> FakeSource:
-            return FakeSource(paths, self.remote)
+        raise NotImplementedError
 
-        return MachineManager(
-            self.config,
-            self.runner,
-            self.images,
-            source_for,
-            fake_layout,
-            tree_check=fake_tree_check,
-        )
-
-    def start(self) -> FakeShim:
+    def start(self) -> Self:
         self.manager = self.new_manager()
         self.manager.startup()
         self.server = ServerThread(self.manager, self.config, self.drift_interval).start()
@@ -92,6 +76,29 @@ class FakeShim:
         self.start()
 
 
+class FakeShim(ServedShim):
+    """Over fakes; restart() replaces the manager and server, keeps the fakes (and machines)."""
+
+    def __init__(self, config: ShimConfig, drift_interval: float | None = None) -> None:
+        super().__init__(config, drift_interval)
+        self.remote = FakeRemote()
+        self.runner = FakeRunner()
+        self.images = FakeImages()
+
+    def new_manager(self) -> MachineManager:
+        def source_for(paths: TenantPaths) -> FakeSource:
+            return FakeSource(paths, self.remote)
+
+        return MachineManager(
+            self.config,
+            self.runner,
+            self.images,
+            source_for,
+            fake_layout,
+            tree_check=fake_tree_check,
+        )
+
+
 @pytest.fixture
 def fake_shim(tmp_path: Path) -> Iterator[FakeShim]:
     shim = FakeShim(shim_config(tmp_path))
@@ -104,31 +111,11 @@ def fake_shim(tmp_path: Path) -> Iterator[FakeShim]:
         shim.stop()
 
 
-@dataclass
-class RealShim:
-    """A served shim over the real git source, image store and runner (direct executor)."""
+class RealShim(ServedShim):
+    """Over the real git source, image store and runner (direct executor)."""
 
-    config: ShimConfig
-    server: ServerThread | None = None
-
-    def __post_init__(self) -> None:
-        self.client = ShimClient(str(self.config.socket_path))
-
-    def start(self) -> RealShim:
-        self.manager = build_manager(self.config)
-        self.manager.startup()
-        self.server = ServerThread(self.manager, self.config).start()
-        wait_resumed(self.client)
-        return self
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
+    def new_manager(self) -> MachineManager:
+        return build_manager(self.config)
 
     def stop_all(self) -> None:
         """Stop the shim and every machine it may have left (even half-started ones)."""
