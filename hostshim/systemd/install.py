@@ -5,7 +5,8 @@
 - the generator is written to --generator-dir as a two-line script run by this interpreter;
 - the units call `bitbuilder-hostshim` through systemd's fixed executable search path, so
   when it is not found there (a virtualenv install) a symlink goes to /usr/local/bin.
-Then `systemctl daemon-reload`, and with --enable the service is enabled and started. Idempotent: running it again rewrites the same files.
+Then `systemctl daemon-reload`, and with --enable the socket and the service are enabled and
+started. Idempotent: running it again rewrites the same files.
 """
 
 from __future__ import annotations
@@ -102,9 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         systemctl.daemon_reload()
         networkd.reload()
     if args.enable:
-        # Not the .socket yet: the server binds its socket itself until it takes the one
-        # systemd passes (systemd/activation.py).
-        systemctl.enable_now("bitbuilder-hostshim.service")
+        systemctl.enable_now("bitbuilder-hostshim.socket", "bitbuilder-hostshim.service")
     return 0
 
 

@@ -185,16 +185,18 @@ def test_stopping_the_shim_leaves_tenants_running(deployment: Deployment) -> Non
     host = deployment.host
     leaders = {name: deployment.leader(name) for name in TENANTS}
     host.enter("systemctl", "stop", "bitbuilder-hostshim.service")
+    assert not shim_active(host)
     assert deployment.machines() == sorted(TENANTS)
     for name, pid in leaders.items():
         assert deployment.leader(name) == pid
         state = host.enter("systemctl", "is-active", f"bitbuilder-tenant-{name}.service")
         assert state.stdout.strip() == "active"
-    start_shim(host)
+    # The socket stayed with systemd: the next request starts the shim, which adopts them.
     for name, pid in leaders.items():
         status = deployment.status(name)
         assert status["phase"] == "Running"
         assert status["leaderPid"] == pid
+    assert shim_active(host)
 
 
 def test_reboot_brings_tenants_back_at_their_last_applied_revision(
@@ -206,7 +208,9 @@ def test_reboot_brings_tenants_back_at_their_last_applied_revision(
     assert status["appliedRevision"] == commit
     # No operator, no shim, no network: only the generator and setup-tenant@ may do it, and
     # the tenant repo is out of reach too.
-    host.enter("systemctl", "disable", "--now", "bitbuilder-hostshim.service")
+    host.enter(
+        "systemctl", "disable", "--now", "bitbuilder-hostshim.socket", "bitbuilder-hostshim.service"
+    )  # fmt: skip
     repo, offline = deployment.repos / "alpha", deployment.repos / "alpha.offline"
     repo.rename(offline)
     try:
@@ -214,6 +218,7 @@ def test_reboot_brings_tenants_back_at_their_last_applied_revision(
     finally:
         offline.rename(repo)
     assert deployment.machines() == sorted(TENANTS)
+    assert not shim_active(host)
     for name in TENANTS:
         unit = f"setup-tenant@{name}.service"
         assert host.enter("systemctl", "is-active", unit).stdout.strip() == "active"
