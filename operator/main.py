@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import socket
 from collections.abc import Sequence
 from pathlib import Path
 
 import kopf
+import urllib3
 from kubernetes import client as k8s
 from kubernetes import config as k8s_config
+from kubernetes.client.exceptions import ApiException
 
 from bitbuilder.operator.api import OPERATOR_NAMESPACE
 from bitbuilder.operator.handlers import (
@@ -23,6 +26,8 @@ from bitbuilder.operator.handlers import (
 )
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import DEFAULT_SOCKET, ShimClient
+
+log = logging.getLogger("bitbuilder.operator")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="a label of this node, for spec.nodeSelector (repeatable)",
+        help="a label of this node, for spec.nodeSelector (repeatable; added to the labels "
+        "of the Node object, which are read when allowed)",
     )
     parser.add_argument(
         "--secrets-namespace",
@@ -80,6 +86,16 @@ def load_kube(kubeconfig: Path | None) -> k8s.ApiClient:
     return k8s.ApiClient(config)
 
 
+def node_labels(api: k8s.ApiClient, name: str) -> dict[str, str]:
+    """This node's labels from the cluster (for spec.nodeSelector); none if it cannot be read."""
+    try:
+        node = k8s.CoreV1Api(api).read_node(name)
+    except (ApiException, OSError, urllib3.exceptions.HTTPError) as exc:
+        log.warning("cannot read node %s's labels (%s); using --node-label only", name, exc)
+        return {}
+    return dict((node.metadata.labels if node.metadata else None) or {})
+
+
 def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
     labels: dict[str, str] = {}
     for pair in pairs:
@@ -98,7 +114,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         shim=ShimClient(args.socket),
         secrets=KubeSecrets(api, args.secrets_namespace),
         status=StatusWriter(api),
-        node=Node(args.node_name, parse_labels(args.node_label)),
+        node=Node(args.node_name, node_labels(api, args.node_name) | parse_labels(args.node_label)),
     )
     run_operator(
         build_registry(driver, client_login(api)),

@@ -41,6 +41,7 @@ from tests.helpers.loop_thread import LoopThread
 
 CORE_TYPES = (
     ResourceType("", "v1", "namespaces", "Namespace", namespaced=False, short_names=("ns",)),
+    ResourceType("", "v1", "nodes", "Node", namespaced=False, short_names=("no",)),
     ResourceType("", "v1", "events", "Event", namespaced=True, short_names=("ev",)),
     ResourceType("", "v1", "secrets", "Secret", namespaced=True),
     ResourceType("", "v1", "configmaps", "ConfigMap", namespaced=True, short_names=("cm",)),
