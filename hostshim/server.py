@@ -88,9 +88,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
                 "PayloadTooLarge",
                 f"request body is larger than {request.app[_STATE].config.max_body_bytes} bytes",
             )
-        return _reply(
+        reply = _reply(
             exc.status, _camel(exc.reason), f"{exc.reason}: {request.method} {request.path}"
         )
+        if "Allow" in exc.headers:  # 405 says which methods the route takes
+            reply.headers["Allow"] = exc.headers["Allow"]
+        return reply
     except Exception:
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return _reply(500, "InternalError", "the shim failed unexpectedly; see its log")

@@ -18,7 +18,7 @@ from tests.helpers.wait import wait_for
 JSON = "application/json"
 
 
-class _UnixConnection(http.client.HTTPConnection):
+class UnixConnection(http.client.HTTPConnection):
     def __init__(self, path: str, timeout: float) -> None:
         super().__init__("localhost", timeout=timeout)
         self._path = path
@@ -53,7 +53,7 @@ class ShimClient:
         raw: bytes | None = None,
         content_type: str | None = JSON,
     ) -> Reply:
-        conn = _UnixConnection(self.socket_path, self.timeout)
+        conn = UnixConnection(self.socket_path, self.timeout)
         try:
             data = raw if raw is not None else None if body is None else json.dumps(body).encode()
             headers = {"Content-Type": content_type} if content_type and data is not None else {}

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from tests.helpers.gitserve import Link, TenantRepo
 from tests.shim.conftest import FakeShim, RealShim, machine_spec, shim_config
-from tests.shim.harness import Reply, ShimClient
+from tests.shim.harness import Reply, ShimClient, UnixConnection
 
 FUZZ = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
@@ -327,9 +327,7 @@ def test_oversized_bodies(guarded: RealShim) -> None:
     big = b'{"name": "' + b"a" * limit + b'"}'
     assert_refused(guarded.client.request("PUT", "/v1/machines/web", raw=big), 413)
     # The same without a Content-Length: chunked.
-    from tests.shim.harness import _UnixConnection
-
-    conn = _UnixConnection(str(guarded.config.socket_path), 30)
+    conn = UnixConnection(str(guarded.config.socket_path), 30)
     try:
         conn.request(
             "PUT", "/v1/machines/web", body=iter([big[i : i + 65536] for i in range(0, len(big), 65536)]),
@@ -349,6 +347,12 @@ def test_unknown_routes_and_methods(guarded: RealShim) -> None:
     ]:  # fmt: skip
         assert_refused(client.request(method, path), code)
     assert_refused(client.request("GET", "/v1/machines/web"), 404)
+    conn = UnixConnection(str(guarded.config.socket_path), 30)
+    try:
+        conn.request("PATCH", "/v1/machines/web")
+        assert set(conn.getresponse().getheader("Allow", "").split(",")) >= {"GET", "PUT", "DELETE"}
+    finally:
+        conn.close()
 
 
 # --- peer credentials ------------------------------------------------------------------------------
