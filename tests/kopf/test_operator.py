@@ -64,6 +64,13 @@ def test_apply_runs_then_follows_spec_commits_and_problems(
         wait_for(lambda: status_where(kube, "web", observedGeneration=2), what="generation 2")
         assert shim.fake.specs["web"].resources.memory_bytes == 64 * 2**20
 
+        # Suspend stops the machine (its data stays); clearing it resumes.
+        kube.merge(f"{TENANTS}/web", {"spec": {"suspend": True}})
+        wait_for(lambda: status_where(kube, "web", phase="Suspended"), what="web Suspended")
+        assert shim.fake.specs["web"].suspend
+        kube.merge(f"{TENANTS}/web", {"spec": {"suspend": False}})
+        wait_for(lambda: status_where(kube, "web", phase="Running"), what="web resumed")
+
         # A new commit, picked up at once through the annotation.
         shim.fake.heads["web"] = SHA_B
         request = {"metadata": {"annotations": {RECONCILE_REQUESTED_ANNOTATION: "1"}}}
