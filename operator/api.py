@@ -208,6 +208,12 @@ class MachineInfo(WireModel):
     node: str | None = Field(None, description="The node (host) running the machine.")
     address: str | None = Field(None, description="The machine's address on its host link.")
     started_at: datetime | None = Field(None, description="When the machine last started.")
+    drift_corrections: int | None = Field(
+        None,
+        description="How often the host shim found the host out of step with the applied "
+        "revision (a changed extension tree, a stopped machine) and corrected it.",
+    )
+    last_drift: str | None = Field(None, description="The last correction: when, why, what.")
 
 
 class TenantStatus(WireModel):

@@ -301,7 +301,16 @@ def _prev_source(previous: TenantStatus) -> SourceStatus:
 
 
 def _machine_info(node: str, m: MachineStatus) -> MachineInfo:
-    return MachineInfo(node=node, address=m.address, started_at=m.started_at)
+    drift = m.last_drift
+    return MachineInfo(
+        node=node,
+        address=m.address,
+        started_at=m.started_at,
+        drift_corrections=m.drift_corrections or None,
+        last_drift=None
+        if drift is None
+        else f"{drift.at:%Y-%m-%dT%H:%M:%SZ} {drift.reason}: {drift.message}",
+    )
 
 
 def transition_events(previous: TenantStatus | None, new: TenantStatus) -> list[Event]:
@@ -311,6 +320,10 @@ def transition_events(previous: TenantStatus | None, new: TenantStatus) -> list[
     if new.applied_revision and new.applied_revision != prev.applied_revision:
         was = f" (was {prev.applied_revision})" if prev.applied_revision else ""
         events.append(Event("Normal", "RevisionApplied", f"applied {new.applied_revision}{was}"))
+    drifted = (new.machine and new.machine.drift_corrections) or 0
+    if drifted > ((prev.machine and prev.machine.drift_corrections) or 0) and new.machine:
+        what = new.machine.last_drift or "host out of step with the applied revision"
+        events.append(Event("Warning", "DriftCorrected", f"the host shim corrected drift: {what}"))
     if new.phase is not None and new.phase != prev.phase:
         kind: Literal["Normal", "Warning"] = (
             "Warning" if new.phase is TenantPhase.failed else "Normal"

@@ -274,3 +274,18 @@ def test_conditions_are_always_consistent(
         assert ready == ("False", stalled[1])
     if source_error is not None:
         assert stalled[0] == "True" and cond(s, "SourceReady")[0] == "False"
+
+
+def test_drift_corrected_by_the_shim_is_shown_and_told_once(tenant: Tenant) -> None:
+    first = status(tenant, machine())
+    assert first.machine is not None and first.machine.drift_corrections is None
+    drift = ErrorInfo(reason="RevisionTreeModified", message="etc/motd changed", at=T0)
+    s = status(tenant, machine(drift_corrections=1, last_drift=drift), previous=first)
+    assert s.machine is not None and s.machine.drift_corrections == 1
+    assert s.machine.last_drift == "2026-01-01T00:00:00Z RevisionTreeModified: etc/motd changed"
+    events = transition_events(first, s)
+    assert [(e.type, e.reason) for e in events] == [("Warning", "DriftCorrected")]
+    assert "etc/motd changed" in events[0].message
+    again = status(tenant, machine(drift_corrections=1, last_drift=drift), previous=s)
+    assert transition_events(s, again) == []
+    assert cond(s, "Ready") == ("True", "Succeeded")  # corrected: still ready
