@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from tests.helpers.gitserve import http_server, ssh_signer
+import pytest
+
+from tests.helpers.gitserve import http_server, ssh_signer, sshd
 from tests.helpers.wait import wait_for
 from tests.standalone.conftest import REAL_HOST, Host, motd, tenant_manifest
 
@@ -65,3 +68,23 @@ def test_only_trusted_signed_commits_run(host: Host, tmp_path: Path) -> None:
     assert unsigned in message and f"still running main@sha1:{signed}" in message
     assert host.condition("web", "Stalled")[0] == "True"  # type: ignore[index]
     assert host.applied("web") == signed and host.motd("web") == "web signed"
+
+
+@pytest.mark.skipif(shutil.which("/usr/sbin/sshd") is None, reason="needs openssh-server")
+def test_ssh_identity_and_known_hosts_from_a_secret_folder(host: Host, tmp_path: Path) -> None:
+    commit = host.tenant_repo("web", "web over ssh").head()
+    with sshd(host.git.base) as (server, keys):
+        secrets = tmp_path / "secrets"
+        write_secret(
+            secrets, "web-ssh", {"identity": keys.private_key, "known_hosts": keys.known_hosts}
+        )
+        source = {"url": server.url("web.git"), "ref": {"branch": "main"}, "interval": "1h",
+                  "secretRef": {"name": "web-ssh"}}  # fmt: skip
+        host.commit_fleet({"web.yaml": tenant_manifest("web", "", source=source)})
+        host.start_reconciler(secrets=secrets)
+        host.wait_applied("web", commit)
+        assert host.motd("web") == "web over ssh"
+    key_body = keys.private_key.splitlines()[1]
+    for path in [*host.state.root.rglob("*"), host.procs.logs / "reconciler.log"]:
+        if path.is_file():
+            assert key_body not in path.read_text(errors="replace"), path
