@@ -212,3 +212,20 @@ def test_runner_failures_are_status_not_server_errors(fake_shim: FakeShim) -> No
     fake_shim.runner.fail_stop.clear()
     st = status(fake_shim.client.put(machine_spec()).body)
     assert st.machine_error is None and st.applied_revision == commit_id("c2")
+
+
+def test_new_revision_is_fetched_and_validated_before_the_old_machine_stops(
+    fake_shim: FakeShim,
+) -> None:
+    fake_shim.client.put(machine_spec())
+    c2 = fake_shim.remote.push(REPO_URL, "main", "c2")
+    seen_at_stop: list[tuple[str, str]] = []
+    real_stop = fake_shim.runner.stop
+
+    def stop(name: str) -> None:
+        seen_at_stop.append(fake_shim.remote.syncs[-1])
+        real_stop(name)
+
+    fake_shim.runner.stop = stop  # type: ignore[method-assign]
+    assert status(fake_shim.client.put(machine_spec()).body).applied_revision == c2
+    assert seen_at_stop == [("web", c2)]
