@@ -9,17 +9,8 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
-from pathlib import Path
 
 from bitbuilder.hostshim.errors import MachineError
-
-SYSTEMD_RUNTIME = Path("/run/systemd/system")
-
-
-def pid1_is_systemd() -> bool:
-    """The check sd_booted() makes: systemd creates this directory at boot."""
-    return SYSTEMD_RUNTIME.is_dir()
-
 
 # systemctl's exit status for "no such unit" (LSB "program is not installed").
 EXIT_NO_SUCH_UNIT = 5
@@ -85,10 +76,6 @@ def stop(unit: str, timeout: float = 60.0) -> None:
 def reset_failed(unit: str) -> None:
     """Forget a failed run, so the unit name can be used again."""
     _run(["systemctl", "reset-failed", "--", unit], check=False)
-
-
-def start(unit: str, timeout: float = 120.0) -> None:
-    _run(["systemctl", "start", "--", unit], timeout=timeout)
 
 
 def daemon_reload() -> None:
