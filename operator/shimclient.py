@@ -118,7 +118,7 @@ class ShimClient:
             MachineStatus,
             "PUT",
             f"/machines/{spec.name}",
-            body=machine_body(spec),
+            body=spec.wire_secret(),  # secrets revealed only on their way into the socket
             timeout=self.apply_timeout,
         )
 
@@ -167,16 +167,6 @@ class ShimClient:
                 return response.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             return False
-
-
-def machine_body(spec: MachineSpec) -> dict[str, Any]:
-    """The request body: secrets revealed only here, on their way into the socket."""
-    body = spec.wire()
-    if spec.source is not None and spec.source.credentials is not None:
-        source = body["source"]
-        assert isinstance(source, dict)
-        source["credentials"] = spec.source.credentials.wire_secret()
-    return body
 
 
 def _api_error(status: int, payload: Any) -> ApiError:
