@@ -131,3 +131,33 @@ def test_suspend_stops_the_machine_and_resume_brings_it_back(host: Host) -> None
     host.wait_applied("web", commit)
     assert host.motd("web") == "web v1"
     assert host.machine("web").leader_pid != pid  # type: ignore[union-attr]
+
+
+def test_killed_reconciler_restarts_and_converges(host: Host) -> None:
+    web = host.tenant_repo("web", "web v1").head()
+    api = host.tenant_repo("api", "api v1").head()
+    host.commit_fleet(
+        {
+            "web.yaml": tenant_manifest("web", host.url("web")),
+            "api.yaml": tenant_manifest("api", host.url("api")),
+        }
+    )
+    host.start_reconciler()
+    host.wait_applied("web", web)
+    host.wait_applied("api", api)
+    web_pid = host.machine("web").leader_pid  # type: ignore[union-attr]
+    (proc,) = [p for n, p in host.procs.children if n == "reconciler"]
+    proc.kill()
+    proc.wait()
+    host.procs.children.remove(("reconciler", proc))
+
+    # while it is down: a new commit for web, api leaves the fleet; the machines keep running
+    web2 = host.repos["web"].commit(motd("web v2"), "v2")
+    host.commit_fleet({}, remove=("api.yaml",))
+    assert host.machine("web").leader_pid == web_pid  # type: ignore[union-attr]
+
+    host.start_reconciler()
+    host.wait_applied("web", web2)
+    wait_for(lambda: host.machine("api") is None, timeout=60, what="api removed after restart")
+    assert host.state.names() == ["web"]
+    assert host.motd("web") == "web v2"
