@@ -21,8 +21,8 @@ import asyncio
 import collections
 import contextlib
 import copy
+import itertools
 import json
-import re
 import secrets
 import uuid
 from collections.abc import Iterable, Iterator
@@ -37,6 +37,13 @@ import kmock
 import yaml
 
 from tests.helpers.kube_schema import Obj, ResourceType, admit, table
+from tests.helpers.kube_selectors import (
+    Requirement,
+    SelectorError,
+    field_values,
+    matches,
+    parse_selector,
+)
 from tests.helpers.loop_thread import LoopThread
 
 CORE_TYPES = (
@@ -116,6 +123,40 @@ class WatchEvent:
     object: Obj
 
 
+@dataclass
+class Watch:
+    """One watch request: what it selects and where its events go."""
+
+    rtype: ResourceType
+    route: Route
+    labels: list[Requirement]
+    fields: list[Requirement]
+    tabular: bool
+    bookmarks: bool
+    response: aiohttp.web.StreamResponse
+
+    def wants(self, event: WatchEvent) -> bool:
+        meta = event.object["metadata"]
+        return (
+            event.rtype == self.rtype.key
+            and self.route.namespace in (None, event.namespace)
+            and self.route.name in (None, meta["name"])
+            and matches(self.labels, meta.get("labels", {}))
+            and matches(self.fields, field_values(event.object))
+        )
+
+    async def send(self, kind: str, obj: Obj, emulator: Emulator) -> None:
+        shown = emulator._as_table(self.rtype, obj) if self.tabular and kind in _CHANGES else obj
+        await self.response.write(json.dumps({"type": kind, "object": shown}).encode() + b"\n")
+
+    async def bookmark(self, rv: int, emulator: Emulator, initial_end: bool = False) -> None:
+        meta: Obj = {"resourceVersion": str(rv)}
+        if initial_end:
+            meta["annotations"] = {"k8s.io/initial-events-end": "true"}
+        body = {"kind": self.rtype.kind, "apiVersion": self.rtype.api_version, "metadata": meta}
+        await self.send("BOOKMARK", body, emulator)
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -131,10 +172,12 @@ class Emulator(kmock.KubernetesEmulator):
         log_size: int = 500,
         ring_size: int = 2000,
         watch_timeout: float = 600.0,
+        bookmark_interval: float = 30.0,
     ) -> None:
         super().__init__()
         self.log_size = log_size
         self.watch_timeout = watch_timeout
+        self.bookmark_interval = bookmark_interval
         self.types: dict[tuple[str, str, str], ResourceType] = {}
         self.store: dict[tuple[str, str | None, str], Obj] = {}
         self.rv = 0
@@ -177,6 +220,8 @@ class Emulator(kmock.KubernetesEmulator):
             code, payload = self._serve(raw, route, rtype, body)
         except ApiStatus as e:
             code, payload = e.code, e.body()
+        except SelectorError as e:
+            code, payload = 400, ApiStatus(400, "BadRequest", str(e)).body()
         if code < 300 and raw.method != "GET":
             await self._notify()
         if code < 300 and "as=Table" in raw.headers.get("Accept", ""):
@@ -259,7 +304,7 @@ class Emulator(kmock.KubernetesEmulator):
             if route.name is not None and name != route.name:
                 continue
             if matches(labels, obj["metadata"].get("labels", {})) and matches(
-                fields, _field_values(obj)
+                fields, field_values(obj)
             ):
                 yield obj
 
@@ -454,65 +499,64 @@ class Emulator(kmock.KubernetesEmulator):
     async def _watch(
         self, raw: aiohttp.web.BaseRequest, route: Route, rtype: ResourceType
     ) -> aiohttp.web.StreamResponse:
-        timeout = float(raw.query.get("timeoutSeconds") or self.watch_timeout)
-        deadline = asyncio.get_running_loop().time() + timeout
+        """A watch: the initial state (unless resuming from a resourceVersion), then every change
+        from the event ring until timeoutSeconds; 410 Gone if the ring no longer reaches back."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + float(raw.query.get("timeoutSeconds") or self.watch_timeout)
         since = raw.query.get("resourceVersion", "")
         initial = raw.query.get("sendInitialEvents") == "true"
-        tabular = "as=Table" in raw.headers.get("Accept", "")
-        labels = parse_selector(raw.query.get("labelSelector", ""))
-        fields = parse_selector(raw.query.get("fieldSelector", ""))
-        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"})
-        await response.prepare(raw)
-
-        async def send(kind: str, obj: Obj) -> None:
-            shown = self._as_table(rtype, obj) if tabular and kind in _CHANGES else obj
-            await response.write(json.dumps({"type": kind, "object": shown}).encode() + b"\n")
-
+        watch = Watch(
+            rtype,
+            route,
+            parse_selector(raw.query.get("labelSelector", "")),
+            parse_selector(raw.query.get("fieldSelector", "")),
+            tabular="as=Table" in raw.headers.get("Accept", ""),
+            bookmarks=raw.query.get("allowWatchBookmarks") == "true",
+            response=aiohttp.web.StreamResponse(headers={"Content-Type": "application/json"}),
+        )
+        await watch.response.prepare(raw)
         try:
+            cursor = self.rv if since in ("", "0") or initial else int(since)
             if since in ("", "0") or initial:
-                cursor = self.rv
                 for obj in list(self._matching(raw, route, rtype)):
-                    await send("ADDED", obj)
-                if initial:
-                    bookmark = {
-                        "kind": rtype.kind,
-                        "apiVersion": rtype.api_version,
-                        "metadata": {
-                            "resourceVersion": str(cursor),
-                            "annotations": {"k8s.io/initial-events-end": "true"},
-                        },
-                    }
-                    await send("BOOKMARK", bookmark)
-            else:
-                cursor = int(since)
-            while not self.closing:
-                if cursor < self.ring_floor:
-                    gone = ApiStatus(410, "Expired", f"too old resource version: {cursor}")
-                    await send("ERROR", gone.body())
-                    break
-                events = [e for e in reversed(self.ring) if e.rv > cursor][::-1]
-                for event in events:
-                    cursor = event.rv
-                    if event.rtype != rtype.key or route.namespace not in (None, event.namespace):
-                        continue
-                    meta = event.object["metadata"]
-                    if route.name not in (None, meta["name"]):
-                        continue
-                    if matches(labels, meta.get("labels", {})) and matches(
-                        fields, _field_values(event.object)
-                    ):
-                        await send(event.type, event.object)
-                remaining = deadline - asyncio.get_running_loop().time()
-                if remaining <= 0:
-                    break
-                async with self.changed:
-                    if cursor == self.rv and not self.closing:
-                        with contextlib.suppress(TimeoutError):
-                            await asyncio.wait_for(self.changed.wait(), remaining)
-            await response.write_eof()
+                    await watch.send("ADDED", obj, self)
+            if initial:
+                await watch.bookmark(cursor, self, initial_end=True)
+            await self._follow(watch, cursor, deadline)
+            await watch.response.write_eof()
         except (ConnectionError, asyncio.CancelledError):
             pass  # the client went away
-        return response
+        return watch.response
+
+    async def _follow(self, watch: Watch, cursor: int, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        quiet_since = loop.time()
+        while not self.closing:
+            if cursor < self.ring_floor:
+                gone = ApiStatus(410, "Expired", f"too old resource version: {cursor}")
+                await watch.send("ERROR", gone.body(), self)
+                return
+            for event in self._events_after(cursor):
+                cursor = event.rv
+                if watch.wants(event):
+                    await watch.send(event.type, event.object, self)
+                    quiet_since = loop.time()
+            now = loop.time()
+            if now >= deadline:
+                return
+            if watch.bookmarks and now - quiet_since >= self.bookmark_interval:
+                await watch.bookmark(cursor, self)
+                quiet_since = now
+            wait = min(deadline, quiet_since + self.bookmark_interval) - now
+            async with self.changed:
+                if cursor == self.rv and not self.closing:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self.changed.wait(), max(wait, 0.0))
+
+    def _events_after(self, rv: int) -> list[WatchEvent]:
+        """The ring's events newer than `rv`, oldest first (walking back only that far)."""
+        newer = list(itertools.takewhile(lambda event: event.rv > rv, reversed(self.ring)))
+        return newer[::-1]
 
     async def close_watches(self) -> None:
         """End every open watch (so the HTTP server can shut down promptly)."""
@@ -559,62 +603,6 @@ def merge_patch(target: Any, patch: Any) -> Any:
         else:
             result[key] = merge_patch(result.get(key), value)
     return result
-
-
-Requirement = tuple[str, str, frozenset[str]]  # key, operator, values
-_REQUIREMENT = re.compile(
-    r"^\s*(?P<neg>!)?\s*(?P<key>[\w./-]+)\s*"
-    r"(?:(?P<op>==|!=|=)\s*(?P<value>[\w./-]*)|\s+(?P<set>in|notin)\s*\((?P<values>[^)]*)\))?\s*$"
-)
-
-
-def parse_selector(text: str) -> list[Requirement]:
-    """Label/field selector syntax: k=v, k==v, k!=v, k, !k, k in (a,b), k notin (a,b)."""
-    result: list[Requirement] = []
-    for part in re.split(r",(?![^()]*\))", text):
-        if not part.strip():
-            continue
-        m = _REQUIREMENT.match(part)
-        if m is None:
-            raise ApiStatus(400, "BadRequest", f"unable to parse requirement: {part!r}")
-        if m["op"]:
-            result.append((m["key"], "!=" if m["op"] == "!=" else "=", frozenset([m["value"]])))
-        elif m["set"]:
-            values = frozenset(v.strip() for v in m["values"].split(","))
-            result.append((m["key"], m["set"], values))
-        else:
-            result.append((m["key"], "!" if m["neg"] else "exists", frozenset()))
-    return result
-
-
-def matches(requirements: list[Requirement], values: dict[str, str]) -> bool:
-    for key, op, wanted in requirements:
-        value = values.get(key)
-        ok = {
-            "=": value in wanted,
-            "in": value in wanted,
-            "!=": value not in wanted,
-            "notin": value not in wanted,
-            "exists": value is not None,
-            "!": value is None,
-        }[op]
-        if not ok:
-            return False
-    return True
-
-
-def _field_values(obj: Obj) -> dict[str, str]:
-    meta = obj["metadata"]
-    values = {"metadata.name": meta["name"], "metadata.namespace": meta.get("namespace", "")}
-    for section in ("spec", "status"):
-        for k, v in (obj.get(section) or {}).items():
-            if isinstance(v, str | int | bool):
-                values[f"{section}.{k}"] = str(v)
-    if obj.get("kind") == "Event":
-        for k, v in (obj.get("involvedObject") or {}).items():
-            values[f"involvedObject.{k}"] = str(v)
-        values["reason"], values["type"] = str(obj.get("reason")), str(obj.get("type"))
-    return values
 
 
 class EmulatorThread:

@@ -168,6 +168,24 @@ def test_watch_replays_from_a_resource_version_and_times_out(kube: Kube) -> None
     assert sorted(e["object"]["metadata"]["name"] for e in initial) == ["a", "b"]
 
 
+def test_idle_watches_get_bookmarks() -> None:
+    with EmulatorThread(Emulator([tenant_crd()], bookmark_interval=0.2)) as api:
+        kube = Kube(api.url)
+        created = kube.ok("POST", TENANTS, tenant())
+        since = created["metadata"]["resourceVersion"]
+        events = list(
+            kube.watch(
+                TENANTS, resourceVersion=since, timeoutSeconds="1", allowWatchBookmarks="true"
+            )
+        )
+        assert events and {e["type"] for e in events} == {"BOOKMARK"}
+        assert events[-1]["object"]["metadata"]["resourceVersion"] == since
+
+
+def test_a_bad_selector_is_a_bad_request(kube: Kube) -> None:
+    assert kube.request("GET", f"{TENANTS}?labelSelector=a%20in%20b")[0] == 400
+
+
 def test_watch_from_a_forgotten_version_is_gone() -> None:
     with EmulatorThread(Emulator([tenant_crd()], ring_size=2)) as api:
         kube = Kube(api.url)
