@@ -103,6 +103,17 @@ class MachineCgroups:
             _rmdir(top.parent, busy_ok=True)
 
 
+def _mkdir(path: Path) -> None:
+    """mkdir -p, again if a concurrent stop removed the (then empty) shim group meanwhile."""
+    for _ in range(3):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            return
+        except FileNotFoundError:
+            continue
+    path.mkdir(parents=True, exist_ok=True)
+
+
 def _rmdir(path: Path, busy_ok: bool = False) -> None:
     try:
         path.rmdir()
@@ -162,7 +173,7 @@ def create_cgroups(scope: str, name: str, limits: ResourceLimits) -> MachineCgro
         raise MachineError("no cgroup2 hierarchy on this host", reason="LimitUnsupported")
     group = f"bitbuilder-{scope}"
     unified = root / group / name
-    unified.mkdir(parents=True, exist_ok=True)
+    _mkdir(unified)
     v2 = _enable_controllers(root, root / group, ("memory", "cpu", "pids"))
     v1: dict[str, Path] = {}
     for controller in V1_CONTROLLERS:
@@ -170,7 +181,7 @@ def create_cgroups(scope: str, name: str, limits: ResourceLimits) -> MachineCgro
         if controller in v2 or not (base / "cgroup.procs").is_file():
             continue
         v1[controller] = base / _own_v1_path(controller) / group / name
-        v1[controller].mkdir(parents=True, exist_ok=True)
+        _mkdir(v1[controller])
     cgroups = MachineCgroups(unified=unified, v1=tuple(v1.values()))
     try:
         _require(limits, v2 | set(v1))

@@ -13,6 +13,7 @@ are DNAT rules in the same table from the host's loopback to the machine's addre
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import ipaddress
@@ -35,15 +36,20 @@ RESERVATIONS = Path("/run/lock/bitbuilder-netpool.d")
 MACHINE_IFNAME = "host0"
 
 
-def _run(argv: list[str], what: str) -> str:
-    result = subprocess.run(argv, capture_output=True, text=True)
+def _run(argv: list[str], what: str, stdin: str | None = None) -> str:
+    try:
+        result = subprocess.run(argv, input=stdin, capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        raise MachineError(f"{what}: {argv[0]} is not installed", reason="NetworkFailed") from exc
     if result.returncode != 0:
         raise MachineError(f"{what}: {result.stderr.strip()[:300]}", reason="NetworkFailed")
     return result.stdout
 
 
 def _quiet(argv: list[str]) -> None:
-    subprocess.run(argv, capture_output=True)
+    """For removals: whatever is already gone (or cannot exist) is fine."""
+    with contextlib.suppress(FileNotFoundError):
+        subprocess.run(argv, capture_output=True)
 
 
 @dataclass(frozen=True)
@@ -200,19 +206,17 @@ def prepare_link(
         subnet = _free_subnet(pool)
         host_ip, machine_ip = (str(h) for h in list(subnet.hosts())[:2])
         link = Link(ifname, MACHINE_IFNAME, f"{host_ip}/30", f"{machine_ip}/30")
+        _check_ports_free(spec.ports)
         # The reservation holds the subnet until the host side carries the address; it lives
         # as long as the link's filter table (a stale one is dropped by the next allocation).
-        _check_ports_free(spec.ports)
         RESERVATIONS.mkdir(parents=True, exist_ok=True)
         (RESERVATIONS / str(subnet.network_address)).write_text(ifname)
         rules = _nft_rules(link, spec.allow_host, spec.ports)
-        result = subprocess.run(["nft", "-f", "-"], input=rules, capture_output=True, text=True)
-    if result.returncode != 0:
-        teardown_link(scope, name)
-        raise MachineError(
-            f"cannot install the link filter: {result.stderr.strip()[:300]}",
-            reason="NetworkFailed",
-        )
+        try:
+            _run(["nft", "-f", "-"], "cannot install the link filter", stdin=rules)
+        except MachineError:
+            teardown_link(scope, name)
+            raise
     return link
 
 
