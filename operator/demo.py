@@ -232,7 +232,7 @@ class Demo:
 
     async def show(self) -> None:
         say()
-        for line in render(self.state, "table", utcnow()).splitlines():
+        for line in render(self.state.records(), "table", utcnow()).splitlines():
             say(f"    {line}")
         say()
         async with ShimClient(self.socket, timeout=5) as shim:

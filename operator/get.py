@@ -67,8 +67,7 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str] = COLUMNS) -> str
     return "\n".join(lines) + "\n"
 
 
-def render(state: LocalState, output: str, now: datetime) -> str:
-    records = state.records()
+def render(records: Sequence[TenantRecord], output: str, now: datetime) -> str:
     if output in ("json", "yaml"):
         items = [
             r.tenant().model_dump(mode="json", by_alias=True, exclude_none=True) for r in records
@@ -82,14 +81,23 @@ def render(state: LocalState, output: str, now: datetime) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     state = LocalState(args.state_dir)
-    sys.stdout.write(render(state, args.output, utcnow()))
+    records = state.records()
+    if args.names:
+        known = {r.name: r for r in records}
+        missing = [n for n in args.names if n not in known]
+        for name in missing:
+            print(f'Error: tenants "{name}" not found', file=sys.stderr)
+        records = [known[n] for n in args.names if n in known]
+        if missing and not records:
+            return 1
+    sys.stdout.write(render(records, args.output, utcnow()))
     fleet = state.load_fleet()
     if fleet is not None and args.output == "table":
         for problem in fleet.problems:
             print(f"warning: skipped manifest {problem}", file=sys.stderr)
         if fleet.error:
             print(f"warning: fleet {fleet.source}: {fleet.error}", file=sys.stderr)
-    return 0
+    return 1 if args.names and len(records) < len(args.names) else 0
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -97,6 +105,7 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "get", help="show tenants in standalone mode (like kubectl get tenants)"
     )
     parser.add_argument("resource", choices=["tenants", "tenant", "tn"])
+    parser.add_argument("names", nargs="*", metavar="NAME", help="only these tenants")
     parser.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.set_defaults(handler=_run)

@@ -78,7 +78,7 @@ def test_fleet_lifecycle(tmp_path: Path) -> None:
         async with driver(tmp_path) as (d, fake, state):
             fake.heads.update(a=SHA_A, b=SHA_A)
             await until(lambda: phase(state, "a") == phase(state, "b") == "Running", "both running")
-            table = render(state, "table", utcnow())
+            table = render(state.records(), "table", utcnow())
             assert table.split("\n")[0].split() == [
                 "NAME",
                 "RUNTIME",
