@@ -8,8 +8,10 @@ resourceVersion bump on every write, PUT and PATCH (merge, JSON patch, strategic
 as whole-object replacement with 409 on a stale resourceVersion, status subresource separation,
 the generation rule, finalizers, lists with kind and resourceVersion, label and field selectors,
 watches with timeoutSeconds and resourceVersion replay from an event ring (410 when too old),
-pruning/defaulting/validation against a CRD's openAPIV3Schema (422), Table rendering from its
-printer columns, and `dryRun`.
+pruning/defaulting/validation against a CRD's openAPIV3Schema and CEL rules (422; 400 for
+unknown fields with fieldValidation=Strict), Table rendering from its printer columns, `dryRun`,
+BOOKMARKs on idle watches, and /openapi/v3 (so `kubectl apply` validates on the server and
+`kubectl explain` works).
 
 `EmulatorThread` runs it in its own event loop: kopf runs in another thread and tests are
 synchronous.
@@ -36,7 +38,14 @@ import jsonpatch
 import kmock
 import yaml
 
-from tests.helpers.kube_schema import Obj, ResourceType, admit, table
+from tests.helpers.kube_schema import (
+    Obj,
+    ResourceType,
+    admit,
+    openapi_document,
+    openapi_index,
+    table,
+)
 from tests.helpers.kube_selectors import (
     Requirement,
     SelectorError,
@@ -206,6 +215,8 @@ class Emulator(kmock.KubernetesEmulator):
     # ---- HTTP entry ----------------------------------------------------------------------
 
     async def __call__(self, raw: aiohttp.web.BaseRequest) -> aiohttp.web.StreamResponse:
+        if raw.path.startswith("/openapi/v3"):
+            return self._openapi(raw.path.removeprefix("/openapi/v3").strip("/"))
         route = Route.parse(raw.path)
         rtype = (
             None if route is None else self.types.get((route.group, route.version, route.plural))
@@ -227,6 +238,14 @@ class Emulator(kmock.KubernetesEmulator):
         if code < 300 and "as=Table" in raw.headers.get("Accept", ""):
             payload = self._as_table(rtype, payload)
         return aiohttp.web.json_response(payload, status=code)
+
+    def _openapi(self, root: str) -> aiohttp.web.Response:
+        if not root:
+            return aiohttp.web.json_response(openapi_index(list(self.types.values())))
+        served = [t for t in self.types.values() if t.api_root == root]
+        if not served:
+            return aiohttp.web.json_response(ApiStatus(404, "NotFound", root).body(), status=404)
+        return aiohttp.web.json_response(openapi_document(served))
 
     def _log(self, raw: aiohttp.web.BaseRequest, route: Route, body: bytes) -> None:
         """Keep kmock's request log (for assertions), bounded: kmock's routing scans it whole."""

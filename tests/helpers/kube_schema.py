@@ -50,6 +50,17 @@ class ResourceType:
         return f"{self.group}/{self.version}/{self.plural}"
 
     @property
+    def api_root(self) -> str:
+        """`apis/<group>/<version>`, or `api/v1` for the core group."""
+        return f"apis/{self.group}/{self.version}" if self.group else f"api/{self.version}"
+
+    @property
+    def openapi_name(self) -> str:
+        """The schema's name in OpenAPI documents, e.g. io.bitbuilder.v1alpha1.Tenant."""
+        group = ".".join(reversed(self.group.split("."))) if self.group else "io.k8s.api.core"
+        return f"{group}.{self.version}.{self.kind}"
+
+    @property
     def custom(self) -> bool:
         """Custom resources carry metadata.generation; the core types we serve do not."""
         return self.schema is not None
@@ -249,3 +260,36 @@ def _step(values: list[Any], match: re.Match[str]) -> Any:
                 for v in value
                 if isinstance(v, dict) and str(v.get(match["key"])) == match["value"]
             )
+
+
+def openapi_index(types: list[ResourceType]) -> Obj:
+    """/openapi/v3: one document per group-version."""
+    paths = {f"{t.api_root}": {"serverRelativeURL": f"/openapi/v3/{t.api_root}"} for t in types}
+    return {"paths": paths}
+
+
+def openapi_document(types: list[ResourceType]) -> Obj:
+    """/openapi/v3/<group-version>: the schemas kubectl explains and the PATCH operations whose
+    `fieldValidation` parameter tells kubectl to leave validation to the server."""
+    schemas: Obj = {}
+    paths: Obj = {}
+    for t in types:
+        gvk = [{"group": t.group, "version": t.version, "kind": t.kind}]
+        schema = copy.deepcopy(t.schema) if t.schema is not None else {"type": "object"}
+        schemas[t.openapi_name] = {**schema, "x-kubernetes-group-version-kind": gvk}
+        scope = "/namespaces/{namespace}" if t.namespaced else ""
+        patch = {
+            "x-kubernetes-action": "patch",
+            "x-kubernetes-group-version-kind": gvk[0],
+            "parameters": [
+                {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}}
+            ],
+            "responses": {"200": {"description": "OK"}},
+        }
+        paths[f"/{t.api_root}{scope}/{t.plural}/{{name}}"] = {"patch": patch}
+    return {
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes (emulated)", "version": "v1.26"},
+        "paths": paths,
+        "components": {"schemas": schemas},
+    }

@@ -58,17 +58,17 @@ KUBECTL = shutil.which(
 
 @pytest.fixture
 def kubectl(api: EmulatorThread, tmp_path: Path) -> Kubectl:
-    """kubectl against the emulator; returns stdout, fails the test on a non-zero exit."""
+    """kubectl against the emulator: its stdout; with ok=False, its stderr, and it must fail."""
     if KUBECTL is None:
         pytest.skip("kubectl is not installed")
     kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
     env = {**os.environ, "KUBECONFIG": str(kubeconfig), "HOME": str(tmp_path)}
 
-    def run(*args: str) -> str:
+    def run(*args: str, ok: bool = True) -> str:
         assert KUBECTL is not None
         done = subprocess.run([KUBECTL, *args], env=env, capture_output=True, text=True, timeout=60)
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        assert (done.returncode == 0) == ok, done.stderr or done.stdout
+        return done.stdout if ok else done.stderr
 
     return run
 

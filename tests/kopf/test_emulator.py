@@ -221,16 +221,20 @@ def test_table_rendering_uses_the_printer_columns(kube: Kube) -> None:
     assert row["Phase"] == "Running" and row["Ready"] == "True" and row["Runtime"] == "nspawn"
 
 
-def test_kubectl_get_tenants_prints_the_columns(kubectl: Kubectl, tmp_path: Path) -> None:
+def test_kubectl_apply_get_explain_delete(kubectl: Kubectl, tmp_path: Path) -> None:
     manifest = tmp_path / "tenant.yaml"
     manifest.write_text(
         "apiVersion: bitbuilder.io/v1alpha1\nkind: Tenant\nmetadata: {name: web}\n"
-        "spec: {image: {name: base}}\n"
+        "spec: {image: {name: base}, colour: blue}\n"
     )
-    kubectl("apply", "--validate=false", "-f", str(manifest))
+    # kubectl finds fieldValidation in the published OpenAPI and leaves validation to the server
+    assert 'unknown field "spec.colour"' in kubectl("apply", "-f", str(manifest), ok=False)
+    manifest.write_text(manifest.read_text().replace(", colour: blue", ""))
+    kubectl("apply", "-f", str(manifest))
     header, row = kubectl("get", "tenants").splitlines()
     assert header.split() == ["NAME", "RUNTIME", "PHASE", "REVISION", "NODE", "READY", "AGE"]
     assert row.split()[:2] == ["web", "nspawn"]
     assert "web" in kubectl("get", "tn", "-o", "name")
+    assert "How often to check the remote" in kubectl("explain", "tenants.spec.source")
     kubectl("delete", "tenant", "web")
     assert kubectl("get", "tenants", "-o", "name") == ""
