@@ -72,3 +72,40 @@ def _compare(
         ):
             found.append(shown)
     found.extend(f"{rel}{extra}" for extra in sorted(on_disk)[: _MAX_REPORTED - len(found)])
+
+
+Signature = dict[str, tuple[int, int, int, int, int]]
+
+
+def _signature(tree_dir: Path) -> Signature:
+    """inode, mode, size, mtime and ctime of every entry (lstat: links are not followed)."""
+    found: Signature = {}
+    for root, dirs, files in os.walk(tree_dir):
+        for name in dirs + files:
+            path = os.path.join(root, name)
+            st = os.lstat(path)
+            found[path] = (st.st_ino, st.st_mode, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return found
+
+
+class TreeVerifier:
+    """tree_differences that reads a tree's files only when something in it changed.
+
+    After a clean full comparison it remembers every entry's stat signature; while that is
+    unchanged the tree is not read again. ctime is part of it and cannot be set from user
+    space, so any write, chmod, rename or replacement since shows, even with mtime restored.
+    """
+
+    def __init__(self) -> None:
+        self._clean: dict[Path, tuple[str, Signature]] = {}
+
+    def __call__(self, repo_path: Path, commit: str, tree_dir: Path) -> list[str]:
+        before = _signature(tree_dir)
+        if self._clean.get(tree_dir) == (commit, before):
+            return []
+        found = tree_differences(repo_path, commit, tree_dir)
+        if not found and _signature(tree_dir) == before:
+            self._clean[tree_dir] = (commit, before)
+        else:
+            self._clean.pop(tree_dir, None)
+        return found

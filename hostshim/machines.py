@@ -32,7 +32,7 @@ from bitbuilder.hostshim.api import (
     MachineStatus,
 )
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.drift import tree_differences
+from bitbuilder.hostshim.drift import TreeVerifier
 from bitbuilder.hostshim.errors import Conflict, MachineError, NotFound, ShimError, SourceError
 from bitbuilder.hostshim.layout import Layout
 from bitbuilder.hostshim.paths import TenantPaths, checked_name
@@ -134,7 +134,7 @@ class MachineManager:
         images: ImagesLike,
         source_for: SourceFactory,
         load_layout: LayoutLoader,
-        tree_check: TreeCheck = tree_differences,
+        tree_check: TreeCheck | None = None,
         now: Callable[[], datetime] = _utcnow,
     ) -> None:
         self.config = config
@@ -143,7 +143,7 @@ class MachineManager:
         self.store = StateStore(config)
         self._source_for = source_for
         self._load_layout = load_layout
-        self._tree_check = tree_check
+        self._tree_check = tree_check or TreeVerifier()
         self._now = now
         self._states: dict[str, TenantState] = {}
         self._broken: dict[str, StateError] = {}

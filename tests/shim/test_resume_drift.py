@@ -157,14 +157,13 @@ def test_the_server_checks_for_drift_on_its_own(tmp_path: Path) -> None:
     try:
         first = status(shim.client.put(machine_spec()).body)
         shim.runner.kill("web")
-        again = wait_for(
-            lambda: (
-                (st := status(shim.client.get("web").body)).leader_pid
-                not in (None, first.leader_pid)
-                and st
-            ),
-            what="the periodic drift check to restart the machine",
-        )
+
+        def corrected() -> MachineStatus | None:
+            st = status(shim.client.get("web").body)
+            return st if st.drift_corrections else None
+
+        again = wait_for(corrected, what="the periodic drift check to restart the machine")
         assert again.last_drift is not None and again.last_drift.reason == "MachineRestarted"
+        assert again.leader_pid not in (None, first.leader_pid)
     finally:
         shim.stop()
