@@ -19,6 +19,7 @@ import pygit2
 import yaml
 from pydantic import ValidationError
 
+from bitbuilder.hostshim.api import GitCredentials
 from bitbuilder.operator.api import API_VERSION, KIND, Tenant
 
 KUSTOMIZATIONS = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -180,11 +181,22 @@ class GitFleet:
     """A git repository: a bare mirror under the state dir; the remote head is asked before any
     fetch, and each commit's tree is materialised once into a folder to read."""
 
-    def __init__(self, url: str, branch: str, workdir: Path, path: str = "") -> None:
+    def __init__(
+        self,
+        url: str,
+        branch: str,
+        workdir: Path,
+        path: str = "",
+        credentials: GitCredentials | None = None,
+    ) -> None:
+        if credentials is not None and credentials.password is None:
+            # pygit2 cannot check an ssh host key against known_hosts: refuse rather than trust
+            raise FleetError("fleet credentials: only username+password (https) are supported")
         self.url = url
         self.branch = branch
         self.path = path
         self.workdir = workdir
+        self.credentials = credentials
         self._repo: pygit2.Repository | None = None
 
     def _repository(self) -> pygit2.Repository:
@@ -192,17 +204,25 @@ class GitFleet:
             mirror = self.workdir / "mirror.git"
             if (mirror / "HEAD").exists():
                 self._repo = pygit2.Repository(str(mirror))
+                self._repo.remotes.set_url("origin", self.url)  # --fleet may have changed
             else:
                 mirror.parent.mkdir(parents=True, exist_ok=True)
                 self._repo = pygit2.init_repository(str(mirror), bare=True)
                 self._repo.remotes.create("origin", self.url)
         return self._repo
 
+    def _callbacks(self) -> pygit2.RemoteCallbacks | None:
+        creds = self.credentials
+        if creds is None or creds.password is None:
+            return None
+        user_pass = pygit2.UserPass(creds.username or "git", creds.password.get_secret_value())
+        return pygit2.RemoteCallbacks(credentials=user_pass)
+
     def head(self) -> str:
         """The commit the remote's branch points at (ls-remote: no objects fetched)."""
         remote = self._repository().remotes["origin"]
         try:
-            heads = remote.list_heads()
+            heads = remote.list_heads(callbacks=self._callbacks())
         except pygit2.GitError as exc:
             raise FleetError(f"fleet repo {self.url}: {exc}") from exc
         wanted = f"refs/heads/{self.branch}"
@@ -225,7 +245,7 @@ class GitFleet:
             return
         refspec = f"+refs/heads/{self.branch}:refs/remotes/origin/{self.branch}"
         try:
-            repo.remotes["origin"].fetch([refspec])
+            repo.remotes["origin"].fetch([refspec], callbacks=self._callbacks())
         except pygit2.GitError as exc:
             raise FleetError(f"fleet repo {self.url}: fetch failed: {exc}") from exc
         if commit not in repo:
@@ -261,8 +281,14 @@ def _write_tree(repo: pygit2.Repository, tree: pygit2.Tree, into: Path) -> None:
 Fleet = FolderFleet | GitFleet
 
 
-def open_fleet(location: str, workdir: Path, branch: str = "main", path: str = "") -> Fleet:
+def open_fleet(
+    location: str,
+    workdir: Path,
+    branch: str = "main",
+    path: str = "",
+    credentials: GitCredentials | None = None,
+) -> Fleet:
     """A folder path (absolute or relative) or a git URL."""
     if "://" in location or location.endswith(".git") or "@" in location.split("/")[0]:
-        return GitFleet(location, branch, workdir, path)
+        return GitFleet(location, branch, workdir, path, credentials)
     return FolderFleet(Path(location).resolve(), path)

@@ -19,6 +19,7 @@ import signal
 from collections.abc import Iterable
 from pathlib import Path
 
+from bitbuilder.hostshim.api import parse_duration
 from bitbuilder.operator.api import Tenant, TenantStatus
 from bitbuilder.operator.fleet import Fleet, FleetError, FleetSnapshot, open_fleet
 from bitbuilder.operator.localstate import (
@@ -40,7 +41,13 @@ from bitbuilder.operator.reconcile import (
 )
 from bitbuilder.operator.shimclient import DEFAULT_SOCKET, ShimClient, ShimError
 from bitbuilder.operator.status import Event
-from bitbuilder.operator.translate import FileSecrets, SecretResolver
+from bitbuilder.operator.translate import (
+    FileSecrets,
+    SecretResolver,
+    TranslateError,
+    credentials_from_secret,
+)
+from bitbuilder.operator.webhook import WebhookError, start_webhook
 
 log = logging.getLogger("bitbuilder.standalone")
 
@@ -259,23 +266,30 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
 
 
 async def run_standalone(args: argparse.Namespace, stop: asyncio.Event) -> None:
+    """Raises StartupError for what the command line got wrong."""
     state = LocalState(args.state_dir)
-    fleet = open_fleet(args.fleet, args.state_dir / "fleet", args.fleet_branch, args.fleet_path)
+    secrets = FileSecrets(args.secrets_dir)
+    credentials = None
+    if args.fleet_secret:
+        data = await secrets.read(args.fleet_secret)
+        credentials = credentials_from_secret(data, args.fleet_secret)
+    fleet = open_fleet(
+        args.fleet, args.state_dir / "fleet", args.fleet_branch, args.fleet_path, credentials
+    )
     node = Node(args.node, parse_labels(args.node_label))
     async with ShimClient(args.socket) as shim:
-        driver = Standalone(
-            fleet, shim, FileSecrets(args.secrets_dir), node, state, args.fleet_interval
-        )
+        driver = Standalone(fleet, shim, secrets, node, state, args.fleet_interval)
         webhook = None
         if args.webhook_listen:
-            from bitbuilder.operator.webhook import start_webhook
-
             webhook = await start_webhook(args.webhook_listen, args.webhook_secret_file, driver)
         try:
             await driver.run(stop)
         finally:
             if webhook is not None:
                 await webhook.cleanup()
+
+
+StartupError = (TranslateError, FleetError, WebhookError, OSError)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -292,13 +306,15 @@ def _run(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stop.set)
         await run_standalone(args, stop)
 
-    asyncio.run(main())
+    try:
+        asyncio.run(main())
+    except StartupError as exc:
+        log.error("cannot run: %s", exc)
+        return 2
     return 0
 
 
 def _seconds(text: str) -> float:
-    from bitbuilder.hostshim.api import parse_duration
-
     try:
         return parse_duration(text)
     except ValueError as exc:
@@ -320,6 +336,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "--fleet-interval", type=_seconds, default=30.0, help="how often to check the fleet (30s)"
     )
     parser.add_argument("--secrets-dir", type=Path, help="secretRefs: <dir>/<name>/<key> files")
+    parser.add_argument(
+        "--fleet-secret", metavar="NAME", help="https credentials for the fleet repo (a secret)"
+    )
     parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="host shim socket")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
     parser.add_argument("--node", default=os.uname().nodename, help="this node's name")

@@ -7,8 +7,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import SecretStr
 
+from bitbuilder.hostshim.api import GitCredentials
+from bitbuilder.operator.cli import main
 from bitbuilder.operator.fleet import FleetError, FolderFleet, GitFleet, open_fleet, read_fleet
+from tests.helpers.gitserve import TenantRepo, http_server
 from tests.operator_core.conftest import tenant_object
 
 
@@ -128,3 +132,43 @@ def test_git_fleet_errors(tmp_path: Path) -> None:
     git(repo, "commit", "-qm", "x")
     with pytest.raises(FleetError, match="no branch 'prod'"):
         GitFleet(f"file://{repo}", "prod", tmp_path / "w2").snapshot()
+
+
+def fleet_repo(base: Path) -> TenantRepo:
+    repo = TenantRepo(base, "fleet.git")
+    repo.commit({"a.yaml": yaml.safe_dump(tenant_object("a"))}, "one")
+    return repo
+
+
+def test_private_fleet_over_https_basic_auth(tmp_path: Path) -> None:
+    repo = fleet_repo(tmp_path / "git")
+    with http_server(tmp_path / "git", auth=("ops", "fleet-pw")) as server:
+        url = server.url("fleet.git")
+        with pytest.raises(FleetError):
+            GitFleet(url, "main", tmp_path / "anon").snapshot()
+        creds = GitCredentials(username="ops", password=SecretStr("fleet-pw"))
+        snap = open_fleet(url, tmp_path / "w", credentials=creds).snapshot()
+        assert snap.revision == repo.head() and list(snap.tenants) == ["a"]
+
+
+def test_ssh_fleet_credentials_are_refused(tmp_path: Path) -> None:
+    creds = GitCredentials(ssh_private_key=SecretStr("KEY"), ssh_known_hosts="h k")
+    with pytest.raises(FleetError, match="only username\\+password"):
+        GitFleet("ssh://git@h/f.git", "main", tmp_path, credentials=creds)
+
+
+def test_mirror_follows_a_changed_fleet_url(tmp_path: Path) -> None:
+    first = fleet_repo(tmp_path / "one")
+    second = TenantRepo(tmp_path / "two", "other-fleet.git")
+    second.commit({"b.yaml": yaml.safe_dump(tenant_object("b"))}, "other")
+    assert list(GitFleet(first.file_url(), "main", tmp_path / "w").snapshot().tenants) == ["a"]
+    assert list(GitFleet(second.file_url(), "main", tmp_path / "w").snapshot().tenants) == ["b"]
+
+
+def test_run_refuses_a_bad_command_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    common = ["run", "--fleet", str(tmp_path), "--socket", str(tmp_path / "s.sock"),
+              "--state-dir", str(tmp_path / "state")]  # fmt: skip
+    assert main([*common, "--fleet-secret", "nope", "--secrets-dir", str(tmp_path)]) == 2
+    assert "secret 'nope' not found" in caplog.text
+    assert main([*common, "--webhook-listen", "127.0.0.1:0"]) == 2
+    assert "--webhook-secret-file" in caplog.text
