@@ -18,6 +18,7 @@ import re
 import shutil
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -195,6 +196,13 @@ class Runner:
         self.executor = executor
         self.scope = shim_scope(config)
         self.pool = ipaddress.IPv4Network(config.machine_network_pool)
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.RLock] = {}
+
+    def _lock(self, name: str) -> threading.RLock:
+        """One lock per machine: start, stop and remove_data of one name never interleave."""
+        with self._guard:
+            return self._locks.setdefault(name, threading.RLock())
 
     # --- start -----------------------------------------------------------------------------
 
@@ -204,16 +212,19 @@ class Runner:
         if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
             raise MachineError("port forwards need network mode isolated", reason="InvalidSpec")
         paths = TenantPaths(self.config, spec.name)
-        if self.executor.pid(spec.name) is not None:
-            raise MachineError(f"machine {spec.name!r} is already running", reason="AlreadyRunning")
-        rootfs = self.images.rootfs(spec.image)
-        self.stop(spec.name)  # leftovers of a crashed run
-        paths.run.mkdir(parents=True, exist_ok=True)
-        try:
-            return self._start(spec, checkout, paths, rootfs)
-        except BaseException:
-            self.stop(spec.name)
-            raise
+        with self._lock(spec.name):
+            if self.executor.pid(spec.name) is not None:
+                raise MachineError(
+                    f"machine {spec.name!r} is already running", reason="AlreadyRunning"
+                )
+            rootfs = self.images.rootfs(spec.image)
+            self.stop(spec.name)  # leftovers of a crashed run
+            paths.run.mkdir(parents=True, exist_ok=True)
+            try:
+                return self._start(spec, checkout, paths, rootfs)
+            except BaseException:
+                self.stop(spec.name)
+                raise
 
     def _start(
         self, spec: MachineSpec, checkout: Checkout | None, paths: TenantPaths, rootfs: Path
@@ -335,21 +346,23 @@ class Runner:
     def stop(self, name: str) -> None:
         """Power the machine off and remove everything its run created; keeps its data."""
         paths = TenantPaths(self.config, name)
-        self.executor.terminate(name, STOP_TIMEOUT)
-        teardown_link(self.scope, name)
-        _umount(paths.run / "root")
-        if paths.run.is_dir():
-            for entry in paths.run.iterdir():
-                if entry.name == CONSOLE_LOG:
-                    continue
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
+        with self._lock(name):
+            self.executor.terminate(name, STOP_TIMEOUT)
+            teardown_link(self.scope, name)
+            _umount(paths.run / "root")
+            if paths.run.is_dir():
+                for entry in paths.run.iterdir():
+                    if entry.name == CONSOLE_LOG:
+                        continue
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry)
+                    else:
+                        entry.unlink()
 
     def remove_data(self, name: str) -> None:
-        if self.executor.pid(name) is not None:
-            raise MachineError(f"machine {name!r} is running: stop it first", reason="Running")
-        paths = TenantPaths(self.config, name)
-        shutil.rmtree(paths.data, ignore_errors=True)
-        shutil.rmtree(paths.run, ignore_errors=True)
+        with self._lock(name):
+            if self.executor.pid(name) is not None:
+                raise MachineError(f"machine {name!r} is running: stop it first", reason="Running")
+            paths = TenantPaths(self.config, name)
+            shutil.rmtree(paths.data, ignore_errors=True)
+            shutil.rmtree(paths.run, ignore_errors=True)
