@@ -22,8 +22,8 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from bitbuilder.hostshim import safepath
-from bitbuilder.hostshim.api import DNS1123_LABEL_PATTERN, MachineSpec
+from bitbuilder.hostshim import extrelease, safepath
+from bitbuilder.hostshim.api import DNS1123_LABEL_PATTERN, ExtensionType, MachineSpec
 from bitbuilder.hostshim.errors import LayoutError
 
 MAX_TREE_BYTES = 256 * 2**20
@@ -64,17 +64,20 @@ class Layout:
     settings: RepoSettings
 
 
-def load_layout(tree: Path, spec: MachineSpec, *, os_release_id: str | None = None) -> Layout:
+def load_layout(
+    tree: Path, spec: MachineSpec, *, os_release: extrelease.OsRelease | None = None
+) -> Layout:
     """Validate the tenant tree at `tree` (the whole revision) for `spec`.
 
-    `os_release_id` is the image's os-release ID; when given, an extension's release file must
-    name it (or `_any`). Raises LayoutError naming the offending path.
+    `os_release` is the image's parsed os-release; when given, an extension carrying a release
+    file must be one systemd would merge into that OS (extrelease.incompatibility); without
+    it only the OS-independent rules apply. Raises LayoutError naming the offending path.
     """
     prefix = PurePosixPath(spec.source.path if spec.source else "")
     with safepath.fd_closing(_open_root(tree, prefix)) as root_fd:
         entries = _scan(root_fd, prefix)
         root = Path(tree, prefix)
-        check = _Checker(root_fd, prefix, entries, os_release_id)
+        check = _Checker(root_fd, prefix, entries, os_release)
         trees = {kind: check.extensions(kind) for kind in EXTENSION_TOP}
         if spec.extensions is not None:
             trees = _select(trees, spec, prefix)
@@ -142,7 +145,7 @@ class _Checker:
     root_fd: int
     prefix: PurePosixPath
     entries: dict[PurePosixPath, os.stat_result]
-    os_release_id: str | None
+    os_release: extrelease.OsRelease | None
 
     def _children(self, rel: PurePosixPath) -> list[PurePosixPath]:
         return [p for p in self.entries if p.parent == rel and p != rel]
@@ -189,14 +192,14 @@ class _Checker:
         if rel not in self.entries:
             return
         text = self._read(rel, MAX_MANIFEST_BYTES).decode("utf-8", "replace")
-        ext_id = os_release_value(text, "ID")
-        if ext_id is None:
-            raise LayoutError(f"{self.prefix / rel}: no ID= line")
-        if self.os_release_id is not None and ext_id not in ("_any", self.os_release_id):
-            raise LayoutError(
-                f"{self.prefix / rel}: ID={ext_id} does not match the image "
-                f"(ID={self.os_release_id}; use ID=_any for any image)"
-            )
+        release = extrelease.parse_os_release(text)
+        ext = ExtensionType(kind)
+        if self.os_release is None:
+            problem = extrelease.release_problem(ext, release)
+        else:
+            problem = extrelease.incompatibility(ext, release, self.os_release)
+        if problem:
+            raise LayoutError(f"{self.prefix / rel}: refused as systemd-{kind} would: {problem}")
 
     def _read(self, rel: PurePosixPath, limit: int) -> bytes:
         try:
@@ -251,14 +254,6 @@ class _Checker:
 
 def _list(names: frozenset[str]) -> str:
     return " and ".join(f"{n}/" for n in sorted(names, reverse=True))
-
-
-def os_release_value(text: str, key: str) -> str | None:
-    for line in text.splitlines():
-        name, sep, value = line.strip().partition("=")
-        if sep and name == key:
-            return value.strip().strip("\"'")
-    return None
 
 
 def _hostname(value: object, shown: PurePosixPath) -> str | None:

@@ -21,11 +21,11 @@ from urllib.parse import unquote, urlsplit
 
 import pygit2
 
-from bitbuilder.hostshim import checkout, credentials, safepath, signing
+from bitbuilder.hostshim import checkout, credentials, extrelease, safepath, signing
 from bitbuilder.hostshim.api import GitRef, MachineSpec, SourceSpec
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import SourceError
-from bitbuilder.hostshim.layout import Layout, load_layout, os_release_value
+from bitbuilder.hostshim.layout import Layout, load_layout
 from bitbuilder.hostshim.paths import ImagePaths, TenantPaths
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ IO_TIMEOUT_MS = 30_000  # a server that stalls mid-conversation
 ORIGIN_BRANCH = "refs/remotes/origin/"
 URL_KEY = "bitbuilder.url"  # the remote this repository mirrors
 ALL_REFS = ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"]
-_OS_RELEASE = ("usr/lib/os-release", "etc/os-release")
+_OS_RELEASE = ("etc/os-release", "usr/lib/os-release")  # systemd's order
 
 # libgit2's messages, by what they mean (matched with the URL cut out: a host or port in it
 # must not look like a status code).
@@ -161,7 +161,7 @@ class GitSource:
                 signed = (signature, payload) if signature else None
                 signing.verify_commit(commit, signed, source.verify)
             tree = self._checkout(repo, commit)
-            layout = load_layout(tree, spec, os_release_id=self._os_release_id(spec.image))
+            layout = load_layout(tree, spec, os_release=self._os_release(spec.image))
         except SourceError as exc:
             exc.revision = revision  # status names the refused revision
             raise
@@ -270,15 +270,15 @@ class GitSource:
             safepath.remove_tree(tmp)
         return dest
 
-    def _os_release_id(self, image: str) -> str | None:
-        """The image's os-release ID, read without following its symlinks; None if unknown."""
+    def _os_release(self, image: str) -> dict[str, str] | None:
+        """The image's os-release, read without following its symlinks; None if unknown."""
         rootfs = ImagePaths(self.config, image).rootfs
         for rel in _OS_RELEASE:
             try:
                 text = safepath.read_bytes(rootfs, rel, 1 << 16).decode("utf-8", "replace")
             except OSError:
                 continue
-            return os_release_value(text, "ID")
+            return extrelease.parse_os_release(text)
         return None
 
 

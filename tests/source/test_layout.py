@@ -118,15 +118,48 @@ def test_bad_trees_are_refused_naming_the_path(
     assert error_for(tree).startswith(named)
 
 
+CONF_RELEASE = "confext/base/etc/extension-release.d/extension-release.base"
+SYS_RELEASE = "sysext/tools/usr/lib/extension-release.d/extension-release.tools"
+DEBIAN = {"ID": "debian", "VERSION_ID": "12", "SYSEXT_LEVEL": "2"}
+
+
 def test_extension_release_id(tree: Path) -> None:
-    release = "confext/base/etc/extension-release.d/extension-release.base"
-    build(tree, {release: "ID=debian\n"})
-    assert load_layout(tree, spec(), os_release_id="debian").confext
-    assert "ID=debian does not match" in error_for(tree, os_release_id="fedora")
-    (tree / release).write_text('ID="_any"\n')
-    assert load_layout(tree, spec(), os_release_id="fedora").confext
-    (tree / release).write_text("VERSION_ID=1\n")
-    assert error_for(tree).startswith(release)
+    build(tree, {CONF_RELEASE: "ID=debian\nVERSION_ID=12\n"})
+    assert load_layout(tree, spec(), os_release=DEBIAN).confext
+    fedora = {"ID": "fedora", "VERSION_ID": "12"}
+    assert "ID=debian does not match the OS (ID=fedora)" in error_for(tree, os_release=fedora)
+    assert load_layout(tree, spec(), os_release={**fedora, "ID_LIKE": "rhel debian"}).confext
+    (tree / CONF_RELEASE).write_text('ID="_any"\n')
+    assert load_layout(tree, spec(), os_release=fedora).confext
+    (tree / CONF_RELEASE).write_text("VERSION_ID=1\n")
+    assert error_for(tree).startswith(CONF_RELEASE)
+
+
+@pytest.mark.parametrize(
+    ("release", "text", "rule"),
+    [
+        (CONF_RELEASE, "ID=fedora\nVERSION_ID=12\n", "ID=fedora does not match the OS"),
+        (SYS_RELEASE, "ID=debian\nARCHITECTURE=s390x\n", "ARCHITECTURE=s390x is not this"),
+        (SYS_RELEASE, "ID=debian\nSYSEXT_LEVEL=3\n", "SYSEXT_LEVEL=3 does not match the OS (2)"),
+        (CONF_RELEASE, "ID=debian\nVERSION_ID=11\n", "VERSION_ID=11 does not match the OS (12)"),
+        (SYS_RELEASE, "ID=debian\nSYSEXT_SCOPE=portable\n", "SYSEXT_SCOPE=portable does not"),
+        (SYS_RELEASE, "ID=\n", "has no ID="),
+    ],
+)
+def test_incompatible_extension_is_refused_naming_file_and_rule(
+    tree: Path, release: str, text: str, rule: str
+) -> None:
+    """The image's os-release decides, by systemd-sysext/-confext's rules (extrelease)."""
+    build(tree, {release: text})
+    message = error_for(tree, os_release=DEBIAN)
+    assert message.startswith(f"{release}: refused as systemd-{release.split('/')[0]}"), message
+    assert rule in message
+
+
+def test_compatible_extensions_by_level_or_any(tree: Path) -> None:
+    build(tree, {SYS_RELEASE: "ID=debian\nSYSEXT_LEVEL=2\n", CONF_RELEASE: "ID=_any\n"})
+    found = load_layout(tree, spec(), os_release=DEBIAN)
+    assert set(found.sysext) == {"tools"} and set(found.confext) == {"base"}
 
 
 def test_selected_extensions_only_and_missing_one_is_an_error(tree: Path) -> None:

@@ -17,7 +17,7 @@ import pytest
 from bitbuilder.hostshim import source as source_module
 from bitbuilder.hostshim.api import GitCredentials
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.errors import SourceError
+from bitbuilder.hostshim.errors import LayoutError, SourceError
 from bitbuilder.hostshim.paths import ImagePaths, TenantPaths
 from bitbuilder.hostshim.source import GitSource
 from tests.helpers.gitserve import Link, TenantRepo, closed_port, git, ssh_keygen, write_files
@@ -149,6 +149,27 @@ def test_extension_release_id_must_match_the_image(
     (rootfs / "etc/os-release").symlink_to("/etc/os-release")
     unchecked = repo.commit({release: "ID=not-the-host\n"})
     assert source.sync(file_remote.spec()).commit == unchecked
+
+
+def test_extension_systemd_would_refuse_makes_the_revision_refused(
+    file_remote: Remote, repo: TenantRepo, source: GitSource, config: ShimConfig
+) -> None:
+    """The image's whole os-release is checked: levels and architecture, not only ID=."""
+    rootfs = ImagePaths(config, "base").rootfs
+    write_files(rootfs, {"etc/os-release": "ID=debian\nVERSION_ID=12\nSYSEXT_LEVEL=2\n"})
+    release = "sysext/tools/usr/lib/extension-release.d/extension-release.tools"
+    for text, rule in [
+        ("ID=debian\nSYSEXT_LEVEL=3\n", "SYSEXT_LEVEL=3 does not match the OS (2)"),
+        ("ID=debian\nSYSEXT_LEVEL=2\nARCHITECTURE=s390x\n", "ARCHITECTURE=s390x"),
+        ("ID=debian\nVERSION_ID=11\n", "VERSION_ID=11 does not match the OS (12)"),
+    ]:
+        bad = repo.commit({**BASIC_LAYOUT, release: text})
+        error = reason_of(source, file_remote.spec())
+        assert isinstance(error, LayoutError) and error.reason == "InvalidRevision"
+        assert error.message.startswith(release) and rule in error.message, error.message
+        assert error.revision == f"main@sha1:{bad}"
+    good = repo.commit({release: "ID=debian\nSYSEXT_LEVEL=2\n"})
+    assert source.sync(file_remote.spec()).commit == good
 
 
 def test_closed_port_is_source_unreachable_quickly(source: GitSource) -> None:

@@ -2,7 +2,7 @@
 
 Each case is merged for real with `systemd-{sysext,confext} --root=DIR merge` in the booted
 test host (an OS tree with the case's os-release and one extension directory) and compared
-with `sysext.incompatibility()` for the same texts.
+with `extrelease.incompatibility()` for the same texts.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bitbuilder.hostshim.api import ExtensionType
-from bitbuilder.hostshim.systemd.sysext import incompatibility
+from bitbuilder.hostshim.extrelease import incompatibility, parse_os_release
 from tests.system.testhost import TestHost
 
 SYS, CONF = ExtensionType.sysext, ExtensionType.confext
@@ -86,5 +86,7 @@ def real_verdicts(testhost: TestHost, shared_dir: Path) -> list[bool]:
 @pytest.mark.parametrize("index", range(len(CASES)))
 def test_same_verdict_as_systemd(real_verdicts: list[bool], index: int) -> None:
     kind, os_release, release = CASES[index]
-    reason = incompatibility(kind, release, os_release)  # this machine's architecture, as systemd
+    parsed = parse_os_release(release) if release is not None else None
+    # this machine's architecture, as systemd
+    reason = incompatibility(kind, parsed, parse_os_release(os_release))
     assert (reason is None) == real_verdicts[index], (CASES[index], reason)
