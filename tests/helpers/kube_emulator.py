@@ -31,7 +31,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp.web
 import jsonpatch
@@ -61,6 +61,18 @@ CORE_TYPES = (
     ResourceType("", "v1", "events", "Event", namespaced=True, short_names=("ev",)),
     ResourceType("", "v1", "secrets", "Secret", namespaced=True),
     ResourceType("", "v1", "configmaps", "ConfigMap", namespaced=True, short_names=("cm",)),
+    ResourceType("", "v1", "serviceaccounts", "ServiceAccount", namespaced=True),
+    ResourceType("apps", "v1", "daemonsets", "DaemonSet", namespaced=True, short_names=("ds",)),
+    ResourceType("apps", "v1", "deployments", "Deployment", namespaced=True),
+    *(
+        ResourceType("rbac.authorization.k8s.io", "v1", plural, kind, namespaced=namespaced)
+        for plural, kind, namespaced in (
+            ("clusterroles", "ClusterRole", False),
+            ("clusterrolebindings", "ClusterRoleBinding", False),
+            ("roles", "Role", True),
+            ("rolebindings", "RoleBinding", True),
+        )
+    ),
     ResourceType(
         "apiextensions.k8s.io",
         "v1",
@@ -166,6 +178,18 @@ class Watch:
         await self.send("BOOKMARK", body, emulator)
 
 
+def established(crd: Obj) -> Obj:
+    """A CRD's status once the API server serves it."""
+    conditions = [
+        {"type": kind, "status": "True", "reason": reason, "lastTransitionTime": now()}
+        for kind, reason in (
+            ("NamesAccepted", "NoConflicts"),
+            ("Established", "InitialNamesAccepted"),
+        )
+    ]
+    return {"conditions": conditions, "acceptedNames": crd["spec"]["names"]}
+
+
 def now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -238,6 +262,13 @@ class Emulator(kmock.KubernetesEmulator):
         if code < 300 and "as=Table" in raw.headers.get("Accept", ""):
             payload = self._as_table(rtype, payload)
         return aiohttp.web.json_response(payload, status=code)
+
+    async def _serve_version(self, request: kmock.Request) -> Any:
+        """kmock's resource list, with the core group's groupVersion `v1` (kmock says `/v1`,
+        and kubectl then finds no core kinds at all)."""
+        payload: Obj = cast(Obj, await super()._serve_version(request))
+        payload["groupVersion"] = payload["groupVersion"].lstrip("/")
+        return payload
 
     def _openapi(self, root: str) -> aiohttp.web.Response:
         if not root:
@@ -377,8 +408,10 @@ class Emulator(kmock.KubernetesEmulator):
         if rtype.custom:
             meta["generation"] = 1
         self._admit(raw, rtype, obj)
-        if rtype.kind == "CustomResourceDefinition" and not dry:
-            self.serve(ResourceType.from_crd(obj))
+        if rtype.kind == "CustomResourceDefinition":
+            obj["status"] = established(obj)
+            if not dry:
+                self.serve(ResourceType.from_crd(obj))
         return obj if dry else self._commit(rtype, key, obj, "ADDED")
 
     def _patched(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
 from tests.kopf.conftest import operator_thread
+from tests.kopf.test_e2e_suite import run_e2e
 from tests.kopf.test_operator import condition, status_where
 from tests.standalone.conftest import REAL_HOST, Host, motd, tenant_manifest
 
@@ -87,3 +89,12 @@ def test_apply_update_break_and_delete_a_real_machine(
         kube.ok("DELETE", f"{TENANTS}/web")
         wait_for(lambda: kube.get(f"{TENANTS}/web") is None, timeout=60, what="web deleted")
         assert host.machine("web") is None
+
+
+def test_the_e2e_suite_sees_a_tenant_ready(api: EmulatorThread, host: Host, tmp_path: Path) -> None:
+    host.tenant_repo("e2e", "e2e")
+    with operator_thread(api.url, host.socket):
+        out = run_e2e(
+            api, tmp_path, BITBUILDER_E2E_REPO=host.url("e2e"), BITBUILDER_E2E_IMAGE="busybox"
+        )
+    assert "4 passed" in out, out
