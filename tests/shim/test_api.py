@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from bitbuilder.hostshim.api import ImageSpec, MachineStatus
+import threading
+
+from bitbuilder.hostshim.api import ImageSpec, MachineSpec, MachineStatus
+from bitbuilder.hostshim.source import Checkout
 from tests.shim.conftest import REPO_URL, FakeShim, machine_spec
-from tests.shim.fakes import commit_id
+from tests.shim.fakes import FakeMachine, commit_id
 
 
 def status(reply_body: object) -> MachineStatus:
@@ -171,8 +174,6 @@ def test_images_put_get_list(fake_shim: FakeShim) -> None:
 
 
 def test_healthz_answers_while_a_put_is_busy(fake_shim: FakeShim) -> None:
-    import threading
-
     gate = threading.Event()
     entered = threading.Event()
     real_sync = type(fake_shim.manager)._reconcile
@@ -229,3 +230,26 @@ def test_new_revision_is_fetched_and_validated_before_the_old_machine_stops(
     fake_shim.runner.stop = stop  # type: ignore[method-assign]
     assert status(fake_shim.client.put(machine_spec()).body).applied_revision == c2
     assert seen_at_stop == [("web", c2)]
+
+
+def test_status_shows_updating_while_the_machine_is_replaced(fake_shim: FakeShim) -> None:
+    fake_shim.client.put(machine_spec())
+    fake_shim.remote.push(REPO_URL, "main", "c2")
+    entered, gate = threading.Event(), threading.Event()
+    real_start = fake_shim.runner.start
+
+    def slow_start(spec: MachineSpec, checkout: Checkout | None) -> FakeMachine:
+        entered.set()
+        gate.wait(30)
+        return real_start(spec, checkout)
+
+    fake_shim.runner.start = slow_start  # type: ignore[method-assign]
+    worker = threading.Thread(target=lambda: fake_shim.client.put(machine_spec()))
+    worker.start()
+    try:
+        assert entered.wait(30)
+        assert status(fake_shim.client.get("web").body).phase == "Updating"
+    finally:
+        gate.set()
+        worker.join(30)
+    assert status(fake_shim.client.get("web").body).phase == "Running"
