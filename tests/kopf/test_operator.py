@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 from datetime import UTC, datetime
 from typing import Any
 
 from bitbuilder.hostshim.api import ErrorInfo
-from bitbuilder.operator.api import FINALIZER, RECONCILE_REQUESTED_ANNOTATION
+from bitbuilder.operator.api import FINALIZER, OPERATOR_NAMESPACE, RECONCILE_REQUESTED_ANNOTATION
 from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
@@ -139,3 +140,40 @@ def test_the_source_is_polled_every_interval(
 def event_reasons(kube: Kube, name: str) -> set[str]:
     events = kube.ok("GET", "/api/v1/namespaces/default/events")["items"]
     return {e["reason"] for e in events if e["involvedObject"]["name"] == name}
+
+
+def test_secret_refs_are_read_from_the_operator_namespace(
+    api: EmulatorThread, kube: Kube, shim: FakeShimServer
+) -> None:
+    shim.fake.heads["web"] = SHA_A
+    with operator_thread(api.url, shim.fake.socket):
+        body = tenant()
+        body["spec"]["source"]["secretRef"] = {"name": "git"}
+        kube.ok("POST", TENANTS, body)
+        stalled = wait_for(
+            lambda: (
+                condition(kube.get(f"{TENANTS}/web"), "Stalled").get("status") == "True"
+                and kube.get(f"{TENANTS}/web")
+            ),
+            what="web Stalled without its secret",
+        )
+        assert condition(stalled, "Stalled")["reason"] == "SecretNotFound"
+        assert "git" in condition(stalled, "Stalled")["message"]
+        assert ("PUT", "web") not in shim.fake.requests
+        secret = {
+            "metadata": {"name": "git"},
+            "data": {"username": b64("bob"), "password": b64("s3cret")},
+        }
+        kube.ok("POST", f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/secrets", secret)
+        request = {"metadata": {"annotations": {RECONCILE_REQUESTED_ANNOTATION: "now"}}}
+        kube.merge(f"{TENANTS}/web", request)
+        wait_for(lambda: status_where(kube, "web", phase="Running"), what="web Running")
+        credentials = shim.fake.specs["web"].source
+        assert credentials is not None and credentials.credentials is not None
+        assert credentials.credentials.username == "bob"
+        assert credentials.credentials.password is not None
+        assert credentials.credentials.password.get_secret_value() == "s3cret"
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
