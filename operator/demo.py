@@ -313,10 +313,24 @@ def cleanup(demo: Demo, keep_files: bool) -> None:
             proc.wait(20)
         asyncio.run(demo.remove_machines())
         demo.procs.stop_all()
-        if not keep_files:
+        mounted = mounts_under(demo.work)
+        if mounted:  # never rmtree through a mount: it could reach files outside the demo
+            say(f"    still mounted under {demo.work}: {', '.join(mounted)}")
+        if not keep_files and not mounted:
             shutil.rmtree(demo.work, ignore_errors=True)
-    if keep_files:
+    if keep_files or mounted:
         say(f"    kept {demo.work} for its logs")
+
+
+def mounts_under(folder: Path) -> list[str]:
+    """Mount points at or below `folder` (mountinfo's 5th field, octal escapes decoded)."""
+    root = str(folder.resolve())
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].encode().decode("unicode_escape")
+        if point == root or point.startswith(root + "/"):
+            points.append(point)
+    return points
 
 
 def say_kept(demo: Demo) -> None:
