@@ -324,11 +324,11 @@ def cleanup(demo: Demo, keep_files: bool) -> None:
 
 def mounts_under(folder: Path) -> list[str]:
     """Mount points at or below `folder` (mountinfo's 5th field, octal escapes decoded)."""
-    root = str(folder.resolve())
+    root = folder.resolve()
     points = []
     for line in Path("/proc/self/mountinfo").read_text().splitlines():
         point = line.split()[4].encode().decode("unicode_escape")
-        if point == root or point.startswith(root + "/"):
+        if Path(point).is_relative_to(root):
             points.append(point)
     return points
 
