@@ -45,11 +45,15 @@ def write_tree(repo: pygit2.Repository, tree: pygit2.Tree, dest: Path) -> None:
 def _write(
     repo: pygit2.Repository, tree: pygit2.Tree, fd: int, where: PurePosixPath, budget: _Budget
 ) -> None:
+    seen: set[str] = set()
     for entry in tree:
         name = entry.name
         rel = where / (name or "?")
         if not name or name in (".", "..") or "/" in name or "\x00" in name:
             raise LayoutError(f"{where}/{name!r}: invalid file name in the git tree")
+        if name in seen:  # only a crafted tree object has this; git itself never writes one
+            raise LayoutError(f"{rel}: the git tree names this entry twice")
+        seen.add(name)
         mode = entry.filemode
         if mode == FileMode.COMMIT:  # a submodule: git leaves an empty directory too
             budget.spend(rel, 0)

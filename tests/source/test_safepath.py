@@ -119,3 +119,20 @@ def test_crafted_git_tree_names_cannot_escape_the_checkout(tmp_path: Path, name:
     with pytest.raises(LayoutError, match="invalid file name"):
         write_tree(repo, tree, tmp_path / "out" / "t")
     assert not (tmp_path / "out/x").exists() and not (tmp_path / "x").exists()
+
+
+def test_crafted_git_tree_with_a_link_and_a_folder_of_one_name_is_a_layout_error(
+    tmp_path: Path,
+) -> None:
+    """`confext` as a symlink to /etc and again as a folder: the second is refused by name
+    (a LayoutError, so the revision is refused cleanly), nothing is written through the link."""
+    repo = pygit2.init_repository(str(tmp_path / "r.git"), bare=True)
+    link = repo.create_blob(str(tmp_path / "host").encode())
+    inner = repo.odb.write(ObjectType.TREE, b"100644 x\x00" + repo.create_blob(b"in\n").raw)
+    raw = b"120000 confext\x00" + link.raw + b"40000 confext\x00" + pygit2.Oid(hex=str(inner)).raw
+    tree = repo[repo.odb.write(ObjectType.TREE, raw)]
+    assert isinstance(tree, pygit2.Tree)
+    (tmp_path / "host").mkdir()
+    with pytest.raises(LayoutError, match="confext: the git tree names this entry twice"):
+        write_tree(repo, tree, tmp_path / "t")
+    assert list((tmp_path / "host").iterdir()) == []
