@@ -173,8 +173,9 @@ class FolderFleet:
             raise FleetError(f"fleet folder {self.folder} does not exist")
         return folder_revision(self.folder)
 
-    def snapshot(self) -> FleetSnapshot:
-        return read_fleet(self.folder, self.head(), self.path)
+    def snapshot(self, revision: str | None = None) -> FleetSnapshot:
+        """The fleet as it is (labelled `revision` when the caller just asked head())."""
+        return read_fleet(self.folder, revision or self.head(), self.path)
 
 
 class GitFleet:
@@ -231,8 +232,9 @@ class GitFleet:
                 return str(head.oid)
         raise FleetError(f"fleet repo {self.url} has no branch {self.branch!r}")
 
-    def snapshot(self) -> FleetSnapshot:
-        commit = self.head()
+    def snapshot(self, revision: str | None = None) -> FleetSnapshot:
+        """The fleet at `revision` (a commit the caller got from head()) or at the head."""
+        commit = revision or self.head()
         tree_dir = self.workdir / "trees" / commit
         if not tree_dir.is_dir():
             self._fetch(commit)

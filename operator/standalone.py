@@ -106,7 +106,11 @@ class Standalone:
     async def refresh_fleet(self) -> FleetSnapshot | None:
         record = FleetRecord(source=self.fleet.url, checked=utcnow())
         try:
-            snapshot = await asyncio.to_thread(self.fleet.snapshot)
+            head = await asyncio.to_thread(self.fleet.head)
+            if self.snapshot is not None and head == self.snapshot.revision:
+                snapshot = self.snapshot  # unchanged: no fetch, no parsing
+            else:
+                snapshot = await asyncio.to_thread(self.fleet.snapshot, head)
         except FleetError as exc:
             # Keep everything as it is: an unreachable fleet is not an empty fleet.
             log.error("fleet: %s", exc)

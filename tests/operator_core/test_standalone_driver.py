@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from bitbuilder.hostshim.api import MachineSpec
-from bitbuilder.operator.fleet import FolderFleet
+from bitbuilder.operator.fleet import FleetSnapshot, FolderFleet
 from bitbuilder.operator.get import render
 from bitbuilder.operator.localstate import LocalState, utcnow
 from bitbuilder.operator.reconcile import Node
@@ -235,5 +235,36 @@ def test_a_push_to_the_fleet_repo_rereads_the_fleet(tmp_path: Path) -> None:
             write_tenant(tmp_path / "fleet", "a")
             assert d.trigger_url(str(tmp_path / "fleet")) == ["(fleet)"]
             await until(lambda: phase(state, "a") == "Running", "a picked up without the interval")
+
+    run(body)
+
+
+class CountingFleet(FolderFleet):
+    reads = 0
+
+    def snapshot(self, revision: str | None = None) -> FleetSnapshot:
+        self.reads += 1
+        return super().snapshot(revision)
+
+
+def test_an_unchanged_fleet_is_not_read_again(tmp_path: Path) -> None:
+    (tmp_path / "fleet").mkdir()
+    write_tenant(tmp_path / "fleet", "a")
+    fleet = CountingFleet(tmp_path / "fleet")
+
+    async def body() -> None:
+        async with (
+            running_fake_shim(tmp_path / "shim.sock") as fake,
+            ShimClient(fake.socket) as shim,
+        ):
+            d = Standalone(fleet, shim, FileSecrets(None), Node("n1"), LocalState(tmp_path / "s"))
+            first = await d.refresh_fleet()
+            assert await d.refresh_fleet() is first and fleet.reads == 1
+            write_tenant(tmp_path / "fleet", "b")
+            second = await d.refresh_fleet()
+            assert second is not None and sorted(second.tenants) == ["a", "b"] and fleet.reads == 2
+            for task in d.workers.values():
+                task.cancel()
+            await asyncio.gather(*d.workers.values(), return_exceptions=True)
 
     run(body)
