@@ -105,7 +105,9 @@ async def reconcile(
     progress: Progress | None = None,
 ) -> ReconcileResult:
     """One pass. `previous` defaults to the tenant's own status; `progress` is called with an
-    intermediate status (Provisioning/Updating) while the shim is busy."""
+    intermediate status (Provisioning/Updating) while the shim is busy. Every failure becomes
+    status, except one: a tenant placed on another node whose copy here cannot be stopped
+    raises ShimError (the caller retries)."""
     previous = previous if previous is not None else tenant.status
     if not placed_here(tenant, node):
         # It may have run here before it moved: stop that copy, keep its data.
