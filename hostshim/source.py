@@ -192,15 +192,17 @@ class GitSource:
         return repo
 
     def _check_allowed(self, url: str) -> None:
-        """file:// only under the configured roots: a tenant must not read the host's repos."""
+        """file:// only under the configured roots: a tenant must not read the host's repos,
+        and never the shim's own dirs (another tenant's mirror), even below such a root."""
         if not url.startswith("file:"):
             return
         wanted = Path(os.path.realpath(unquote(urlsplit(url).path)))
-        for root in self.config.file_source_roots:
-            real = Path(os.path.realpath(root))
-            if wanted == real or real in wanted.parents:
-                return
-        raise SourceNotAllowed(f"{url}: file:// sources are allowed only under the shim's roots")
+        if any(_within(wanted, d) for d in (self.config.state_dir, self.config.runtime_dir)):
+            raise SourceNotAllowed(f"{url}: the shim's own state is never a tenant source")
+        if not any(_within(wanted, root) for root in self.config.file_source_roots):
+            raise SourceNotAllowed(
+                f"{url}: file:// sources are allowed only under the shim's roots"
+            )
 
     def _fetch(self, repo: pygit2.Repository, source: SourceSpec) -> tuple[str, str | None]:
         """Fetch what the ref needs (nothing if the local ref is current): (commit, forced_from)."""
@@ -280,6 +282,12 @@ class GitSource:
                 continue
             return extrelease.parse_os_release(text)
         return None
+
+
+def _within(path: Path, root: Path) -> bool:
+    """Is the resolved `path` `root` (resolved) or below it?"""
+    real = Path(os.path.realpath(root))
+    return path == real or real in path.parents
 
 
 def _remote_ref(ref: GitRef) -> str:

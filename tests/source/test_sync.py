@@ -212,6 +212,34 @@ def test_file_url_outside_allowed_roots_is_refused(
         assert error.reason == "SourceNotAllowed", url
 
 
+def test_another_tenants_mirror_is_refused_even_below_an_allowed_root(
+    repo: TenantRepo, tmp_path: Path
+) -> None:
+    """A root that contains the shim's dirs (e.g. --file-source-root /var/lib) still never
+    lets one tenant fetch another's mirror (fetched maybe with that tenant's credentials)."""
+    config = ShimConfig(
+        state_dir=tmp_path / "state", runtime_dir=tmp_path / "run", file_source_roots=(tmp_path,)
+    )
+    first = repo.commit(BASIC_LAYOUT)
+    victim = GitSource(TenantPaths(config, "victim"), config)
+    assert victim.sync(make_spec(repo.file_url())).commit == first
+    mirror = TenantPaths(config, "victim").repo
+    (tmp_path / "served" / "alias.git").symlink_to(mirror)
+    (tmp_path / "run").mkdir()
+    thief = GitSource(TenantPaths(config, "thief"), config)
+    for url in (
+        f"file://{mirror}",
+        f"file://{tmp_path}/served/../state/tenants/victim/repo.git",
+        f"file://{tmp_path}/served/alias.git",
+        f"file://{tmp_path}/run",
+    ):
+        assert reason_of(thief, make_spec(url)).reason == "SourceNotAllowed", url
+        with pytest.raises(SourceError, match="never a tenant source"):
+            thief.remote_head(make_spec(url).source)  # type: ignore[arg-type]
+    assert not TenantPaths(config, "thief").root.exists()
+    assert thief.sync(make_spec(repo.file_url())).commit == first, "the root itself is fine"
+
+
 def test_corrupt_local_objects_are_recovered_by_recloning(
     file_remote: Remote,
     repo: TenantRepo,
