@@ -57,6 +57,8 @@ class MachineInfo(Protocol):
     @property
     def leader_pid(self) -> int: ...
     @property
+    def revision(self) -> str | None: ...
+    @property
     def started_at(self) -> datetime: ...
     @property
     def address(self) -> str | None: ...
@@ -300,58 +302,81 @@ class MachineManager:
     def _converge(self, state: TenantState, checkout: Checkout | None) -> None:
         """Start or update the machine to (desired spec, checkout); roll back if that fails."""
         spec = state.desired
-        commit = checkout.commit if checkout is not None else None
-        target = f"{commit}:{machine_hash(spec)}"
-        applied = state.applied
+        target = f"{checkout.commit if checkout else None}:{machine_hash(spec)}"
         running = self.runner.inspect(spec.name)
-        same = (
-            applied is not None
-            and applied.running
-            and applied.commit == commit
-            and applied.machine_hash == machine_hash(spec)
-        )
-        if running is not None and same:
-            assert applied is not None
-            state.applied = applied.model_copy(update={"spec": spec, "spec_hash": spec_hash(spec)})
-            state.machine_error = None  # what is desired is what runs
-            state.failed_target = None
+        if running is not None and self._runs_target(state, target, running, checkout):
+            self._record_applied(state, checkout)
             return
         if running is not None and state.failed_target == target:
             return  # this exact target failed before; the previous machine keeps running
-        with self._phase(spec.name, MachinePhase.updating if running else MachinePhase.starting):
+        # Persisted before acting: a crash after the start is recognised at the next start.
+        state.starting = target
+        self._save(state)
+        try:
+            if self._replace(state, checkout, target, running is not None):
+                self._record_applied(state, checkout)
+        finally:
+            state.starting = None
+
+    def _runs_target(
+        self, state: TenantState, target: str, running: MachineInfo, checkout: Checkout | None
+    ) -> bool:
+        applied = state.applied
+        if applied is not None and applied.running and target == applied.target:
+            return True
+        # The shim died after starting this very target, before recording it as applied.
+        revision = checkout.revision if checkout is not None else None
+        return state.starting == target and running.revision == revision
+
+    def _replace(
+        self, state: TenantState, checkout: Checkout | None, target: str, running: bool
+    ) -> bool:
+        """Stop what runs, start the target; False (and status says why) if that failed."""
+        name = state.name
+        with self._phase(name, MachinePhase.updating if running else MachinePhase.starting):
             try:
-                if running is not None:
-                    self.runner.stop(spec.name)
+                if running:
+                    self.runner.stop(name)
             except Exception as exc:
                 # The old machine still runs; the target is not known to be bad: retried later.
                 state.machine_error = self._error(
                     exc, state.applied.revision if state.applied else None
                 )
-                log.warning("tenant %s: stop failed: %s", spec.name, state.machine_error.message)
-                return
+                log.warning("tenant %s: stop failed: %s", name, state.machine_error.message)
+                return False
             try:
-                self.runner.start(spec, checkout)
+                self.runner.start(state.desired, checkout)
             except Exception as exc:
                 state.machine_error = self._error(exc, checkout.revision if checkout else None)
                 state.failed_target = target
-                log.warning("tenant %s: start failed: %s", spec.name, state.machine_error.message)
-                if running is not None:
+                log.warning("tenant %s: start failed: %s", name, state.machine_error.message)
+                if running:
                     self._rollback(state)
-                return
-        now = self._now()
-        state.applied = AppliedState(
+                return False
+        return True
+
+    def _record_applied(self, state: TenantState, checkout: Checkout | None) -> None:
+        """What is desired is what runs now."""
+        spec, previous = state.desired, state.applied
+        applied = AppliedState(
             spec=spec,
             spec_hash=spec_hash(spec),
             machine_hash=machine_hash(spec),
-            commit=commit,
+            commit=checkout.commit if checkout is not None else None,
             ref=checkout.ref if checkout is not None else None,
             running=True,
-            at=now,
+            at=self._now(),
         )
+        unchanged = previous is not None and previous.running and previous.target == applied.target
+        if unchanged:
+            assert previous is not None
+            applied.at = previous.at
+        state.applied = applied
         state.machine_error = None
         state.failed_target = None
-        if checkout is not None:
-            state.record_applied(checkout.commit, now)
+        state.starting = None
+        if checkout is not None and not unchanged:
+            state.record_applied(checkout.commit, applied.at)
             self._switch_current(state.name, checkout.commit)
             self._prune(state)
 

@@ -104,6 +104,11 @@ class AppliedState(_StateModel):
     def revision(self) -> str | None:
         return f"{self.ref}@sha1:{self.commit}" if self.commit else None
 
+    @property
+    def target(self) -> str:
+        """What the machine was built from: the commit and the machine hash."""
+        return f"{self.commit}:{self.machine_hash}"
+
 
 class DriftState(_StateModel):
     count: int = 0
@@ -125,6 +130,9 @@ class TenantState(_StateModel):
     # The target (commit, machine hash) that last failed to start: not retried on every poll
     # while the previous revision keeps running, only when the target changes.
     failed_target: str | None = None
+    # The target being started right now (written before the start): a machine found running
+    # it after a crash is adopted as applied instead of being restarted.
+    starting: str | None = None
     drift: DriftState = Field(default_factory=DriftState)
 
     @field_serializer("desired")

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 from bitbuilder.hostshim.api import ImageSpec, MachineSpec, MachineStatus
-from bitbuilder.hostshim.state import Intent, StateStore, TenantState
+from bitbuilder.hostshim.state import Intent, StateStore, TenantState, machine_hash
 from tests.helpers.wait import wait_for
 from tests.shim.conftest import REPO_URL, FakeShim, machine_spec, shim_config
-from tests.shim.fakes import commit_id
+from tests.shim.fakes import FakeSource, commit_id
 
 
 def status(body: object) -> MachineStatus:
@@ -167,3 +167,41 @@ def test_the_server_checks_for_drift_on_its_own(tmp_path: Path) -> None:
         assert again.leader_pid not in (None, first.leader_pid)
     finally:
         shim.stop()
+
+
+def test_crash_after_the_new_machine_started_is_not_a_restart(fake_shim: FakeShim) -> None:
+    fake_shim.client.put(machine_spec())
+    fake_shim.stop()
+    # What a crash right after runner.start leaves: the new revision runs, the state still
+    # names the old one as applied, with the start recorded as in flight.
+    store = StateStore(fake_shim.config)
+    state = store.load("web")
+    assert state is not None and state.applied is not None
+    c2 = fake_shim.remote.push(REPO_URL, "main", "c2")
+    checkout = FakeSource(store.paths("web"), fake_shim.remote).sync(state.desired)
+    fake_shim.runner.stop("web")
+    leader = fake_shim.runner.start(state.desired, checkout).leader_pid
+    state.intent = Intent.apply
+    state.starting = f"{c2}:{machine_hash(state.desired)}"
+    store.save(state)
+    fake_shim.start()
+    st = status(fake_shim.client.get("web").body)
+    assert st.leader_pid == leader and st.applied_revision == c2 and st.phase == "Running"
+    assert [h.revision for h in st.history] == [c2, commit_id("c1")]
+    loaded = store.load("web")
+    assert loaded is not None and loaded.starting is None and loaded.intent is None
+
+
+def test_a_machine_at_another_revision_is_still_replaced(fake_shim: FakeShim) -> None:
+    first = status(fake_shim.client.put(machine_spec()).body)
+    fake_shim.stop()
+    store = StateStore(fake_shim.config)
+    state = store.load("web")
+    assert state is not None
+    c2 = fake_shim.remote.push(REPO_URL, "main", "c2")
+    state.intent = Intent.apply
+    state.starting = f"{c2}:{machine_hash(state.desired)}"  # crashed before the start
+    store.save(state)
+    fake_shim.start()
+    st = status(fake_shim.client.get("web").body)
+    assert st.applied_revision == c2 and st.leader_pid != first.leader_pid
