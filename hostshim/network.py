@@ -155,6 +155,8 @@ def _forward_rules(link: Link, ports: list[PortForward]) -> str:
 
 def _check_ports_free(ports: list[PortForward]) -> None:
     """Refuse a host port another machine forwards or a host process listens on."""
+    if not ports:
+        return
     ruleset = _run(["nft", "list", "ruleset"], "cannot list nftables rules")
     for p in ports:
         kind = socket.SOCK_STREAM if p.protocol == "tcp" else socket.SOCK_DGRAM
@@ -222,32 +224,44 @@ def prepare_link(
 
 def configure_link(link: Link, leader_pid: int) -> None:
     """Address and raise both ends once the machine runs (its end from outside, via nsenter)."""
+    what = "cannot configure the machine's link"
+    host, inside = link.host_ifname, link.machine_ifname
+    # route_localnet: forwarded ports send loopback-sourced packets (SNATed) over this link
+    _quiet(["sysctl", "-q", "-w", f"net.ipv6.conf.{host}.disable_ipv6=1",
+            f"net.ipv4.conf.{host}.route_localnet=1"])  # fmt: skip
+    _run(
+        ["ip", "-batch", "-"],
+        what,
+        f"addr add {link.host_address} dev {host}\nlink set {host} up\n",
+    )
+    enter = ["nsenter", "-t", str(leader_pid), "--net"]
+    _run([*enter, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"], what)
+    commands = (
+        f"link set lo up\naddr add {link.machine_address} dev {inside}\nlink set {inside} up\n"
+    )
+    _run([*enter, "ip", "-batch", "-"], what, commands)
 
-    def run(argv: list[str]) -> None:
-        _run(argv, f"cannot configure the machine's link ({' '.join(argv)})")
 
-    def inside(*argv: str) -> None:
-        run(["nsenter", "-t", str(leader_pid), "--net", *argv])
-
-    _quiet(["sysctl", "-q", "-w", f"net.ipv6.conf.{link.host_ifname}.disable_ipv6=1"])
-    # forwarded ports: loopback-sourced packets may leave through this link (after SNAT)
-    _quiet(["sysctl", "-q", "-w", f"net.ipv4.conf.{link.host_ifname}.route_localnet=1"])
-    run(["ip", "addr", "add", link.host_address, "dev", link.host_ifname])
-    run(["ip", "link", "set", link.host_ifname, "up"])
-    inside("sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1")
-    inside("ip", "link", "set", "lo", "up")
-    inside("ip", "addr", "add", link.machine_address, "dev", link.machine_ifname)
-    inside("ip", "link", "set", link.machine_ifname, "up")
+def _reservations_of(ifname: str) -> list[Path]:
+    found = []
+    if RESERVATIONS.is_dir():
+        for entry in RESERVATIONS.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if entry.read_text().strip() == ifname:
+                    found.append(entry)
+    return found
 
 
 def teardown_link(scope: str, name: str) -> None:
     """Remove the filter and the host side of the link (the peer goes with it); missing is fine.
 
-    Everything is derived from the names, so this works without the run record too."""
+    Everything is derived from the names, so this works without the run record too. (A link's
+    reservation is made before its filter and dropped after it, so with neither a reservation
+    nor an interface there is nothing to remove.)"""
     ifname = link_name(scope, name)
-    _quiet(["nft", "delete", "table", "inet", _table(ifname)])
-    _quiet(["ip", "link", "del", ifname])
-    if RESERVATIONS.is_dir():
-        for entry in RESERVATIONS.iterdir():
-            if entry.read_text().strip() == ifname:
-                entry.unlink(missing_ok=True)
+    reservations = _reservations_of(ifname)
+    if reservations or Path("/sys/class/net", ifname).exists():
+        _quiet(["nft", "delete", "table", "inet", _table(ifname)])
+        _quiet(["ip", "link", "del", ifname])
+    for entry in reservations:
+        entry.unlink(missing_ok=True)
