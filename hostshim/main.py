@@ -115,8 +115,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = config_from(args)
-    for folder in (config.state_dir, config.runtime_dir):
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # The state (credentials, tenant data) is root's alone; the runtime dir holds the socket,
+    # which allowed non-root callers must be able to reach.
+    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    config.runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     manager = build_manager(config)
     manager.startup()
     try:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -71,6 +72,9 @@ def test_daemon_serves_then_stops_on_sigterm(tmp_path: Path) -> None:
     with daemon(config, tmp_path / "shim.log") as proc:
         client = ShimClient(str(config.socket_path))
         assert client.request("GET", "/v1/machines").body == {"items": []}
+        modes = {p: stat.S_IMODE(p.stat().st_mode) for p in (config.state_dir, config.runtime_dir)}
+        assert modes == {config.state_dir: 0o700, config.runtime_dir: 0o755}
+        assert stat.S_IMODE(config.socket_path.stat().st_mode) == 0o660
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert not config.socket_path.exists()
