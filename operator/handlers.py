@@ -11,21 +11,16 @@ once; delete keeps the finalizer until the shim confirms the machine is gone.
 from __future__ import annotations
 
 import asyncio
-import base64
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import kopf
-from kubernetes import client as k8s
-from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from bitbuilder.operator.api import (
     FINALIZER,
     GROUP,
-    OPERATOR_NAMESPACE,
     PLURAL,
     RECONCILE_REQUESTED_ANNOTATION,
     VERSION,
@@ -33,6 +28,7 @@ from bitbuilder.operator.api import (
     TenantPhase,
     TenantStatus,
 )
+from bitbuilder.operator.kubeapi import Login, StatusWriter
 from bitbuilder.operator.reconcile import (
     NO_SOURCE_INTERVAL,
     Node,
@@ -41,55 +37,12 @@ from bitbuilder.operator.reconcile import (
     reconcile,
 )
 from bitbuilder.operator.shimclient import ShimClient, ShimError
-from bitbuilder.operator.translate import SecretData, SecretNotFound, SecretResolver
+from bitbuilder.operator.translate import SecretResolver
 
 KOPF_ANNOTATION_PREFIX = "kopf.bitbuilder.io"
 FINALIZE_RETRY = 3.0
 OTHER_NODE_RETRY = 10.0
-Login = Callable[..., Any]
 Logger = logging.Logger | logging.LoggerAdapter[Any]
-
-
-class KubeSecrets:
-    """Secrets from the cluster, in the operator's namespace only (SecretResolver)."""
-
-    def __init__(self, api: k8s.ApiClient, namespace: str = OPERATOR_NAMESPACE) -> None:
-        self.core = k8s.CoreV1Api(api)
-        self.namespace = namespace
-
-    async def read(self, name: str) -> SecretData:
-        try:
-            secret = await asyncio.to_thread(self.core.read_namespaced_secret, name, self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                raise SecretNotFound(name, f"in namespace {self.namespace}") from None
-            raise
-        return {key: base64.b64decode(value) for key, value in (secret.data or {}).items()}
-
-
-class StatusWriter:
-    """Replaces .status whole (a JSON patch `add /status`): fields that became empty go away,
-    which a merge patch would leave behind."""
-
-    def __init__(self, api: k8s.ApiClient) -> None:
-        self.custom = k8s.CustomObjectsApi(api)
-
-    async def write(self, name: str, status: TenantStatus) -> None:
-        value = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-        ops = [{"op": "add", "path": "/status", "value": value}]
-        try:
-            await asyncio.to_thread(
-                self.custom.patch_cluster_custom_object_status,
-                GROUP,
-                VERSION,
-                PLURAL,
-                name,
-                ops,
-                _content_type="application/json-patch+json",
-            )
-        except ApiException as exc:
-            if exc.status != 404:  # deleted meanwhile: nothing to report on
-                raise
 
 
 @dataclass
@@ -225,31 +178,6 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     )
     settings.posting.level = logging.WARNING
     settings.peering.standalone = True
-
-
-def client_login(api: k8s.ApiClient) -> Login:
-    """A kopf login handler using the official client's configuration (loaded once, in-cluster
-    or from a kubeconfig), so kopf and our status/secret calls use the same credentials."""
-
-    def login(**_: Any) -> kopf.ConnectionInfo:
-        config = api.configuration
-        header = config.get_api_key_with_prefix("BearerToken") or config.get_api_key_with_prefix(
-            "authorization"
-        )
-        scheme, _sep, token = (header or "").rpartition(" ")
-        return kopf.ConnectionInfo(
-            server=config.host,
-            ca_path=config.ssl_ca_cert,
-            insecure=not config.verify_ssl,
-            username=config.username or None,
-            password=config.password or None,
-            scheme=scheme or None,
-            token=token or None,
-            certificate_path=config.cert_file,
-            private_key_path=config.key_file,
-        )
-
-    return login
 
 
 def build_registry(driver: Driver, login: Login) -> kopf.OperatorRegistry:

@@ -16,14 +16,8 @@ from kubernetes import config as k8s_config
 from kubernetes.client.exceptions import ApiException
 
 from bitbuilder.operator.api import OPERATOR_NAMESPACE
-from bitbuilder.operator.handlers import (
-    Driver,
-    KubeSecrets,
-    StatusWriter,
-    build_registry,
-    client_login,
-    run_operator,
-)
+from bitbuilder.operator.handlers import Driver, build_registry, run_operator
+from bitbuilder.operator.kubeapi import KubeSecrets, StatusWriter, client_login
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import DEFAULT_SOCKET, ShimClient
 

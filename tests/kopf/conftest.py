@@ -16,14 +16,8 @@ from aiohttp import web
 from kubernetes import client as k8s
 
 from bitbuilder.operator.crd import tenant_crd
-from bitbuilder.operator.handlers import (
-    Driver,
-    KubeSecrets,
-    StatusWriter,
-    build_registry,
-    client_login,
-    run_operator,
-)
+from bitbuilder.operator.handlers import Driver, build_registry, run_operator
+from bitbuilder.operator.kubeapi import KubeSecrets, StatusWriter, client_login
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
 from tests.helpers.fakeshim import FakeShim

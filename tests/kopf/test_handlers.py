@@ -11,7 +11,8 @@ import kopf
 import pytest
 from kubernetes import client as k8s
 
-from bitbuilder.operator.handlers import Driver, KubeSecrets, StatusWriter
+from bitbuilder.operator.handlers import Driver
+from bitbuilder.operator.kubeapi import KubeSecrets, StatusWriter
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
 
