@@ -1,0 +1,117 @@
+"""A hostile tenant against the host and its neighbour, end to end: its repo is fetched and
+checked out by the real git source, its machine started by the real runner.
+
+Symlinks in the repo's extension trees are valid inside the machine and are resolved only
+there; nothing of the host or of another tenant is reachable through them, through pids, or
+by re-addressing the machine's own link.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import pytest
+
+from bitbuilder.hostshim.api import MachineSpec
+from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.paths import TenantPaths
+from bitbuilder.hostshim.runner import RunningMachine
+from bitbuilder.hostshim.source import Checkout, GitSource
+from tests.helpers.gitserve import Link, TenantRepo
+from tests.helpers.treesnap import tree_snapshot
+from tests.runner.conftest import Shim, needs_nspawn, unique_name
+
+pytestmark = [pytest.mark.nspawn, needs_nspawn]
+
+SECRET = "TOPSECRET-host-only"
+NEIGHBOUR = "neighbour-private-data"
+
+
+def hostile_checkout(shim: Shim, name: str, served: Path, links: dict[str, str]) -> Checkout:
+    """`links` (path in the repo -> target) committed and synced by the real GitSource."""
+    repo = TenantRepo(served, f"{name}.git")
+    repo.commit(
+        {"confext/base/etc/motd": "hostile\n", **{rel: Link(t) for rel, t in links.items()}}
+    )
+    config = ShimConfig(
+        state_dir=shim.config.state_dir,
+        runtime_dir=shim.config.runtime_dir,
+        file_source_roots=(served,),
+    )
+    spec = MachineSpec.model_validate(
+        {
+            "name": name,
+            "image": "busybox",
+            "source": {"url": repo.file_url(), "ref": {"branch": "main"}},
+        }
+    )
+    return GitSource(TenantPaths(config, name), config).sync(spec)
+
+
+def cat(shim: Shim, machine: RunningMachine, path: str) -> str:
+    result = shim.run_in(machine, "cat", path)
+    return result.stdout + result.stderr
+
+
+def test_symlinks_pids_and_addresses_reach_neither_host_nor_neighbour(
+    shim: Shim, tmp_path: Path
+) -> None:
+    secret = tmp_path / "host-secret"
+    secret.write_text(SECRET + "\n")
+    neighbour = shim.start()
+    assert shim.run_in(neighbour, "sh", "-c", f"echo {NEIGHBOUR} > /root/private").returncode == 0
+    neighbour_paths = TenantPaths(shim.config, neighbour.name)
+    neighbour_file = neighbour_paths.data / "upper/root/private"
+    assert neighbour_file.read_text() == NEIGHBOUR + "\n", "the neighbour's data on the host"
+
+    name = unique_name("evil")
+    links = {
+        "confext/base/etc/host-secret": str(secret),
+        "confext/base/etc/proc-self": f"/proc/self/root{secret}",
+        "confext/base/etc/proc-init": f"/proc/1/root{secret}",
+        "confext/base/etc/neighbour": str(neighbour_file),
+        "confext/base/etc/neighbour-state": str(neighbour_paths.root),
+        "confext/base/etc/shadow-link": "/etc/shadow",
+        "sysext/tools/usr/lib/escape": "/proc/1/root",
+    }
+    checkout = hostile_checkout(shim, name, tmp_path / "served", links)
+    revision = tree_snapshot(checkout.tree)
+    evil = shim.start(name, checkout=checkout)
+
+    assert cat(shim, evil, "/etc/motd") == "hostile\n", "the repo's confext is layered"
+    assert shim.run_in(evil, "readlink", "/etc/host-secret").stdout.strip() == str(secret)
+    for link in [k.removeprefix("confext/base") for k in links if k.startswith("confext/")]:
+        seen = cat(shim, evil, link)
+        assert SECRET not in seen and NEIGHBOUR not in seen, (link, seen)
+    assert SECRET not in cat(shim, evil, f"/usr/lib/escape{secret}")
+    assert shim.run_in(evil, "ls", f"/etc/neighbour-state/{neighbour_paths.data.name}").returncode
+    host_shadow = Path("/etc/shadow").read_text()
+    assert cat(shim, evil, "/etc/shadow-link") != host_shadow or not host_shadow
+    # writing through the links: the layer is read-only and the targets are the machine's own
+    for link in ("/etc/host-secret", "/etc/neighbour", "/usr/lib/escape/etc/pwned"):
+        assert shim.run_in(evil, "sh", "-c", f"echo pwned > {link}").returncode != 0, link
+
+    # processes: the neighbour's host pid means nothing inside the tenant's pid namespace
+    shim.run_in(evil, "kill", "-9", str(neighbour.leader_pid))
+    assert shim.runner.inspect(neighbour.name) == neighbour
+
+    # network: claiming the neighbour's (or its host side's) address reaches nothing either
+    assert neighbour.address is not None
+    host_of_neighbour = str(ipaddress.IPv4Address(neighbour.address) - 1)
+    for claimed, target in [
+        (neighbour.address, host_of_neighbour),
+        (host_of_neighbour, neighbour.address),
+    ]:
+        spoof = f"ip addr flush dev host0 && ip addr add {claimed}/30 dev host0"
+        assert shim.run_in(evil, "sh", "-c", spoof).returncode == 0
+        shim.run_in(evil, "ip", "route", "replace", "default", "dev", "host0")
+        ping = shim.run_in(evil, "ping", "-c", "1", "-W", "1", target)
+        assert ping.returncode != 0, f"reached {target} as {claimed}"
+
+    shim.runner.stop(evil.name)
+    assert secret.read_text() == SECRET + "\n"
+    assert neighbour_file.read_text() == NEIGHBOUR + "\n"
+    assert not (neighbour_paths.data / "upper/etc/pwned").exists()
+    assert tree_snapshot(checkout.tree) == revision, "the revision tree is untouched"
+    assert shim.runner.inspect(neighbour.name) == neighbour
