@@ -476,10 +476,10 @@ class MachineManager:
     def _phase_of(self, state: TenantState, running: bool) -> MachinePhase:
         if busy := self._busy.get(state.name):
             return busy
+        if running:  # also while suspended, if stopping failed (machineError says why)
+            return MachinePhase.running
         if state.desired.suspend:
             return MachinePhase.stopped
-        if running:
-            return MachinePhase.running
         if state.machine_error is not None or state.source_error is not None:
             return MachinePhase.failed
         return MachinePhase.pending

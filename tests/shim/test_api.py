@@ -210,6 +210,7 @@ def test_runner_failures_are_status_not_server_errors(fake_shim: FakeShim) -> No
     assert st.leader_pid == first.leader_pid and st.applied_revision == commit_id("c1")
     st = status(fake_shim.client.put(machine_spec(suspend=True)).body)
     assert st.machine_error is not None and st.machine_error.reason == "StopFailed"
+    assert st.phase == "Running"  # not Stopped: it still runs
     fake_shim.runner.fail_stop.clear()
     st = status(fake_shim.client.put(machine_spec()).body)
     assert st.machine_error is None and st.applied_revision == commit_id("c2")

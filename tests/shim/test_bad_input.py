@@ -162,6 +162,10 @@ BAD_NAMES = [
     "%20web",
     "web%0a",
     "a.b",
+    "a%2f..%2f..%2fetc",  # an encoded '/' must not split the name into path segments
+    "%2e%2e%2fstate",
+    "%252e%252e",  # double-encoded '..'
+    "%EF%BD%97eb",  # fullwidth 'w': not an ASCII label
 ]
 
 
