@@ -221,7 +221,10 @@ class MachineManager:
                 log.info("tenant %s: re-adopted its running machine", name)
             else:
                 log.warning("tenant %s: machine runs without state; stopping it", name)
-                self.runner.stop(name)
+                try:
+                    self.runner.stop(name)
+                except Exception:  # the shim must come up regardless: it can be retried by hand
+                    log.exception("tenant %s: stopping the stateless machine failed", name)
 
     def resume(self) -> None:
         """Finish half-done work and bring up what should run (after startup())."""
