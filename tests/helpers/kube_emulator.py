@@ -483,7 +483,7 @@ class Emulator(kmock.KubernetesEmulator):
                 new["metadata"][field] = old["metadata"][field]
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"]
         new["apiVersion"], new["kind"] = rtype.api_version, rtype.kind
-        self._admit(raw, rtype, new)
+        self._admit(raw, rtype, new, old)
         if rtype.custom and _spec_of(new, rtype) != _spec_of(old, rtype):
             new["metadata"]["generation"] = old["metadata"]["generation"] + 1
         if new == old or dry:
@@ -505,8 +505,10 @@ class Emulator(kmock.KubernetesEmulator):
             return self._commit(rtype, key, obj, "MODIFIED")
         return self._commit(rtype, key, obj, "DELETED")
 
-    def _admit(self, raw: aiohttp.web.BaseRequest, rtype: ResourceType, obj: Obj) -> None:
-        result = admit(rtype, obj)
+    def _admit(
+        self, raw: aiohttp.web.BaseRequest, rtype: ResourceType, obj: Obj, before: Obj | None = None
+    ) -> None:
+        result = admit(rtype, obj, before)
         if result.pruned and raw.query.get("fieldValidation") == "Strict":
             unknown = ", ".join(f'unknown field "{p}"' for p in result.pruned)
             raise ApiStatus(400, "BadRequest", f"strict decoding error: {unknown}")

@@ -93,8 +93,10 @@ class Admission:
     errors: list[str] = field(default_factory=list)
 
 
-def admit(rtype: ResourceType, obj: Obj) -> Admission:
-    """Prune unknown fields and apply defaults in place, then validate against the schema."""
+def admit(rtype: ResourceType, obj: Obj, before: Obj | None = None) -> Admission:
+    """Prune unknown fields and apply defaults in place, then validate against the schema and
+    the CEL rules. On an update (`before`), CEL rules run only on the top-level fields that
+    changed, as the API server's validation ratcheting lets unchanged values pass."""
     result = Admission()
     if rtype.schema is None:
         return result
@@ -108,17 +110,37 @@ def admit(rtype: ResourceType, obj: Obj) -> Admission:
             result.pruned.append(key)
             del obj[key]
     checked = {k: v for k, v in obj.items() if k != "metadata"}
-    top = _to_jsonschema(rtype.schema)
-    top.get("properties", {}).pop("metadata", None)  # the API server checks only names there
-    validator = jsonschema.Draft7Validator(top)
-    for error in sorted(validator.iter_errors(checked), key=lambda e: list(e.absolute_path)):
+    for error in sorted(_validator(rtype.schema).iter_errors(checked), key=_error_path):
         path = ".".join(str(p) for p in error.absolute_path) or "<root>"
         value = json.dumps(error.instance, default=str)
         value = value if len(value) <= 80 else value[:77] + "..."
         result.errors.append(f"{path}: Invalid value: {value}: {error.message}")
-    if not result.errors:  # the server runs CEL rules only on schema-valid objects
+    if result.errors:  # the server runs CEL rules only on schema-valid objects
+        return result
+    if before is None:
         result.errors += cel_violations(rtype.schema, obj)
+        return result
+    for key, value in obj.items():
+        if key in properties and key != "metadata" and value != before.get(key):
+            result.errors += cel_violations(properties[key], value, key)
     return result
+
+
+_VALIDATORS: dict[int, jsonschema.Draft7Validator] = {}
+
+
+def _validator(schema: Obj) -> jsonschema.Draft7Validator:
+    """The schema as JSON Schema (once per schema): metadata left out, the API server checks
+    only names there."""
+    if id(schema) not in _VALIDATORS:
+        top = _to_jsonschema(schema)
+        top.get("properties", {}).pop("metadata", None)
+        _VALIDATORS[id(schema)] = jsonschema.Draft7Validator(top)
+    return _VALIDATORS[id(schema)]
+
+
+def _error_path(error: jsonschema.ValidationError) -> list[str]:
+    return [str(p) for p in error.absolute_path]
 
 
 def _prune(value: Any, schema: Obj, path: str, pruned: list[str]) -> Any:

@@ -130,6 +130,11 @@ def test_validation_against_the_crd_schema(kube: Kube) -> None:
     created = kube.ok("POST", TENANTS, unknown)
     assert "colour" not in created["spec"], "unknown fields are pruned"
     assert created["spec"]["runtime"] == "nspawn", "schema defaults are applied"
+    url_only = {"spec": {"image": {"url": "https://images.example/base.tar"}}}
+    code, answer = kube.request(
+        "PATCH", f"{TENANTS}/web", url_only, content_type="application/merge-patch+json"
+    )
+    assert code == 422 and "sha256" in answer["message"], "CEL rules hold on updates too"
     code, answer = kube.request(
         "PATCH",
         f"{TENANTS}/web/status",
