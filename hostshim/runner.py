@@ -5,7 +5,7 @@ A machine's root is an overlay the runner mounts under its run dir: the image ro
 read-only lower layer, the tenant's writable layer (kept across restarts) under its data dir.
 The revision's confext trees (and, for systemd images, the repo's units) are layered read-only
 over /etc and its sysext trees over /usr by nspawn itself. Every host-side thing a run creates
-(mounts, namespace, link, filter, cgroups) is derived from the tenant name, so stop can remove
+(mounts, link, filter, cgroups) is derived from the tenant name, so stop can remove
 it even after a crash that lost the run record.
 """
 
@@ -14,9 +14,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import re
 import shutil
-import stat
 import subprocess
 import threading
 import time
@@ -30,7 +28,7 @@ from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
 from bitbuilder.hostshim.executor import Executor, shim_scope
 from bitbuilder.hostshim.images import ImageStore
-from bitbuilder.hostshim.layout import Layout
+from bitbuilder.hostshim.layers import machine_layers
 from bitbuilder.hostshim.network import Link, configure_link, prepare_link, teardown_link
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.runtime.nspawn import (
@@ -38,6 +36,8 @@ from bitbuilder.hostshim.runtime.nspawn import (
     NspawnMachine,
     check_path,
     detect_init,
+    find_leader,
+    init_ready,
     nspawn_argv,
 )
 from bitbuilder.hostshim.source import Checkout
@@ -46,7 +46,6 @@ RECORD = "machine.json"
 CONSOLE_LOG = "console.log"
 LEADER_DEADLINE = 30.0
 STOP_TIMEOUT = 20.0
-_TARGET = re.compile(r"^[A-Za-z0-9_.@-]{1,240}\.target$")
 
 
 @dataclass(frozen=True)
@@ -58,31 +57,6 @@ class RunningMachine:
     revision: str | None
 
 
-def _children(pid: int) -> list[int]:
-    try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    except FileNotFoundError:
-        return []
-    return [int(c) for c in text.split()]
-
-
-def find_leader(nspawn_pid: int) -> int | None:
-    """The child of nspawn in another pid namespace that has exec'd the machine's init.
-
-    (nspawn renames its helper processes, so only the executable tells init apart.)"""
-    try:
-        own_ns = os.readlink(f"/proc/{nspawn_pid}/ns/pid")
-        own_exe = os.readlink(f"/proc/{nspawn_pid}/exe")
-        for child in _children(nspawn_pid):
-            if os.readlink(f"/proc/{child}/ns/pid") == own_ns:
-                continue
-            if os.readlink(f"/proc/{child}/exe") != own_exe:
-                return child
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    return None
-
-
 def _poll(probe: Callable[[], int | None], timeout: float) -> int | None:
     """Probe until it answers (a start takes tens of ms; nothing to block on but /proc)."""
     deadline = time.monotonic() + timeout
@@ -91,102 +65,12 @@ def _poll(probe: Callable[[], int | None], timeout: float) -> int | None:
     return found
 
 
-def accepts(pid: int, signo: int) -> bool:
-    """Will `pid` take `signo`? PID 1 of a namespace drops any signal it neither catches nor
-    blocks (systemd blocks and reads a signalfd; busybox init waits in sigtimedwait), so a
-    stop request sent before that would be lost."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-        waiting = Path(f"/proc/{pid}/wchan").read_text()
-    except FileNotFoundError:
-        return False
-    masks = dict(line.split(":\t", 1) for line in status.splitlines() if line.startswith("Sig"))
-    taken = int(masks["SigCgt"], 16) | int(masks["SigBlk"], 16)
-    return bool(taken >> (signo - 1) & 1) or "sigtimedwait" in waiting
-
-
-def init_ready(nspawn_pid: int, init: InitKind) -> int | None:
-    """The machine's init once it has exec'd and can be powered off, else None."""
-    leader = find_leader(nspawn_pid)
-    return leader if leader is not None and accepts(leader, init.kill_signo) else None
-
-
 def _umount(path: Path) -> None:
     if not os.path.ismount(path):
         return
     result = subprocess.run(["umount", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
-
-
-def _wanted_by(unit: Path) -> list[str]:
-    """The targets a unit's [Install] section names in WantedBy= (checked names only)."""
-    targets: list[str] = []
-    section = ""
-    for line in unit.read_text(errors="replace").splitlines():
-        line = line.strip()
-        if line.startswith("["):
-            section = line
-        elif section == "[Install]" and line.startswith("WantedBy="):
-            targets += [t for t in line.split("=", 1)[1].split() if _TARGET.fullmatch(t)]
-    return targets
-
-
-def _real_dir_below(base: Path, path: Path) -> bool:
-    """Is `path` a directory below `base` reached without any symlink? nspawn follows
-    symlinks in layer paths on the host, so a tenant's symlink must never get there."""
-    try:
-        parts = path.relative_to(base).parts
-    except ValueError:
-        return False
-    current = base
-    for part in parts:
-        current = current / part
-        try:
-            if not stat.S_ISDIR(os.lstat(current).st_mode):
-                return False
-        except FileNotFoundError:
-            return False
-    return True
-
-
-def tree_layers(root: Path, trees: dict[str, Path], top: str) -> list[Path]:
-    """Each extension tree's `top` dir (etc/ or usr/), lowest (first by name) first."""
-    layers = []
-    for name in sorted(trees):
-        layer = trees[name] / top
-        if not os.path.lexists(layer):
-            continue  # e.g. a sysext with only opt/
-        if not _real_dir_below(root, layer):
-            raise MachineError(f"extension {name!r}: {top}/ is not a real directory of the tree")
-        layers.append(layer)
-    return layers
-
-
-def build_units_layer(dest: Path, units: dict[str, Path]) -> Path:
-    """An etc/ tree with the repo's units in systemd/system and their WantedBy= links."""
-    system = dest / "etc/systemd/system"
-    system.mkdir(parents=True)
-    for unit_name, source in sorted(units.items()):
-        st = os.lstat(source)
-        if not stat.S_ISREG(st.st_mode) or "/" in unit_name or unit_name.startswith("."):
-            raise MachineError(f"unit {unit_name!r} is not a regular file", reason="InvalidUnit")
-        shutil.copyfile(source, system / unit_name, follow_symlinks=False)
-        for target in _wanted_by(system / unit_name):
-            wants = system / f"{target}.wants"
-            wants.mkdir(exist_ok=True)
-            (wants / unit_name).symlink_to(f"../{unit_name}")
-    return dest / "etc"
-
-
-def _capped(paths: TenantPaths, layers: list[Path], top: str) -> tuple[Path, ...]:
-    """`layers` under an empty topmost layer of our own: nspawn makes its overlay work dir
-    beside the topmost path, which must never be inside the tenant's revision tree."""
-    if not layers:
-        return ()
-    cap = paths.run / "layer-caps" / top
-    cap.mkdir(parents=True, exist_ok=True)
-    return (*layers, cap)
 
 
 class Runner:
@@ -232,7 +116,7 @@ class Runner:
         init = detect_init(rootfs)
         root = self._mount_root(paths, rootfs)
         layout = checkout.layout if checkout is not None else None
-        etc_layers, usr_layers = self._layers(paths, layout, init)
+        etc_layers, usr_layers = machine_layers(paths.run, layout, init is InitKind.systemd)
         link = None
         if spec.network.mode is NetworkMode.isolated:
             link = prepare_link(self.scope, spec.name, spec.network, self.pool)
@@ -278,17 +162,6 @@ class Runner:
         if result.returncode != 0:
             raise MachineError(f"cannot mount the machine's root: {result.stderr.strip()}")
         return root
-
-    def _layers(
-        self, paths: TenantPaths, layout: Layout | None, init: InitKind
-    ) -> tuple[tuple[Path, ...], tuple[Path, ...]]:
-        if layout is None:
-            return (), ()
-        etc = tree_layers(layout.root, layout.confext, "etc")
-        usr = tree_layers(layout.root, layout.sysext, "usr")
-        if layout.units and init is InitKind.systemd:
-            etc.insert(0, build_units_layer(paths.run / "units", layout.units))
-        return _capped(paths, etc, "etc"), _capped(paths, usr, "usr")
 
     def _await_leader(self, name: str, pid: int, paths: TenantPaths, init: InitKind) -> int:
         def leader() -> int | None:

@@ -1,4 +1,5 @@
-"""What a machine needs from systemd-nspawn (252+): the argv, built from checked values only.
+"""What a machine needs from systemd-nspawn (252+): the argv, built from checked values only,
+and how its running machine shows in /proc (the leader, and when it can take a stop request).
 
 Every value that reaches the argv is validated here again (names, hostnames, environment,
 paths), whatever the caller checked before: nothing arrives verbatim from a request or a
@@ -154,3 +155,51 @@ def nspawn_argv(machine: NspawnMachine) -> list[str]:
     argv += _overlay(machine.etc_layers, "/etc")
     argv += _overlay(machine.usr_layers, "/usr")
     return argv
+
+
+# --- the running machine, as /proc shows it ------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return []
+    return [int(c) for c in text.split()]
+
+
+def find_leader(nspawn_pid: int) -> int | None:
+    """The child of nspawn in another pid namespace that has exec'd the machine's init.
+
+    (nspawn renames its helper processes, so only the executable tells init apart.)"""
+    try:
+        own_ns = os.readlink(f"/proc/{nspawn_pid}/ns/pid")
+        own_exe = os.readlink(f"/proc/{nspawn_pid}/exe")
+        for child in _children(nspawn_pid):
+            if os.readlink(f"/proc/{child}/ns/pid") == own_ns:
+                continue
+            if os.readlink(f"/proc/{child}/exe") != own_exe:
+                return child
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def accepts(pid: int, signo: int) -> bool:
+    """Will `pid` take `signo`? PID 1 of a namespace drops any signal it neither catches nor
+    blocks (systemd blocks and reads a signalfd; busybox init waits in sigtimedwait), so a
+    stop request sent before that would be lost."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+        waiting = Path(f"/proc/{pid}/wchan").read_text()
+    except FileNotFoundError:
+        return False
+    masks = dict(line.split(":\t", 1) for line in status.splitlines() if line.startswith("Sig"))
+    taken = int(masks["SigCgt"], 16) | int(masks["SigBlk"], 16)
+    return bool(taken >> (signo - 1) & 1) or "sigtimedwait" in waiting
+
+
+def init_ready(nspawn_pid: int, init: InitKind) -> int | None:
+    """The machine's init once it has exec'd and can be powered off, else None."""
+    leader = find_leader(nspawn_pid)
+    return leader if leader is not None and accepts(leader, init.kill_signo) else None

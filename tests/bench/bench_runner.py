@@ -21,8 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bitbuilder.hostshim.api import MachineSpec
-from bitbuilder.hostshim.runner import init_ready
-from bitbuilder.hostshim.runtime.nspawn import InitKind
+from bitbuilder.hostshim.runtime.nspawn import InitKind, init_ready
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.runner.conftest import Shim, make_shim
 

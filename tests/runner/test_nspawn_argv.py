@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from bitbuilder.hostshim.errors import MachineError
-from bitbuilder.hostshim.runner import build_units_layer, tree_layers
+from bitbuilder.hostshim.layers import build_units_layer, tree_layers
 from bitbuilder.hostshim.runtime.nspawn import InitKind, NspawnMachine, detect_init, nspawn_argv
 
 
