@@ -17,7 +17,7 @@ import pytest
 
 from bitbuilder.hostshim.api import MachineStatus
 from bitbuilder.hostshim.paths import TenantPaths
-from tests.helpers.gitserve import TenantRepo
+from tests.helpers.gitserve import TenantRepo, git_daemon, http_server
 from tests.helpers.wait import wait_for
 from tests.shim.conftest import RealShim, real_config
 
@@ -174,3 +174,21 @@ def test_drift_modified_revision_tree_is_checked_out_again(shim: RealShim, tmp_p
     assert tampered.read_text() == "v1\n"
     assert motd(now) == "v1\n"
     assert shim.manager.check_drift() == []
+
+
+@pytest.mark.parametrize("transport", ["git", "http"])
+def test_create_and_update_over_network_transports(
+    shim: RealShim, tmp_path: Path, transport: str
+) -> None:
+    repo = make_repo(tmp_path, "web", "v1\n")
+    serve = git_daemon if transport == "git" else http_server
+    with serve(tmp_path / "served") as server:
+        body = spec("web", repo)
+        body["source"]["url"] = server.url("web.git")
+        first = put(shim, body)
+        assert first.phase == "Running" and first.applied_revision == repo.head()
+        assert motd(first) == "v1\n"
+        v2 = repo.commit({"confext/base/etc/motd": "v2\n"})
+        second = put(shim, body)
+        assert second.applied_revision == v2 and motd(second) == "v2\n"
+        assert put(shim, body).leader_pid == second.leader_pid
