@@ -293,6 +293,8 @@ class MachineManager:
         self._converge(state, checkout)
 
     def _suspend(self, state: TenantState) -> None:
+        if self.runner.inspect(state.name) is not None:
+            log.info("tenant %s: suspending", state.name)
         try:
             self.runner.stop(state.name)
         except Exception as exc:
@@ -378,6 +380,8 @@ class MachineManager:
         state.machine_error = None
         state.failed_target = None
         state.starting = None
+        if not unchanged:
+            log.info("tenant %s: running %s", state.name, applied.revision or "(no source)")
         if checkout is not None and not unchanged:
             state.record_applied(checkout.commit, applied.at)
             self._switch_current(state.name, checkout.commit)
@@ -520,6 +524,7 @@ class MachineManager:
                     continue
                 remove_tree(entry)
         self.store.remove(name)  # last: a crash before this resumes the delete at startup
+        log.info("tenant %s: deleted%s", name, " (data kept)" if keep_data else "")
         if paths.root.is_dir() and not any(paths.root.iterdir()):
             paths.root.rmdir()
         self._forget(name)
