@@ -30,6 +30,7 @@ from bitbuilder.operator.demohost import (
     Repo,
     build_base_image,
     free_port,
+    git,
     start_git_daemon,
     tool,
     wait_port,
@@ -124,6 +125,15 @@ class Demo:
         say(f"==> reverting that commit in git (git revert {change[:7]})")
         revert = repo.revert(change)
         await self.rollout(CHANGED, revert, "rollback")
+        first = self.initial[CHANGED]
+        same = git("rev-parse", f"{revert}^{{tree}}", cwd=repo.work) == git(
+            "rev-parse", f"{first}^{{tree}}", cwd=repo.work
+        )
+        say(f"    {revert[:7]} has {'exactly' if same else 'NOT'} the tree of {first[:7]} (v1)")
+        record = self.state.load(CHANGED)
+        applied = record.status.history if record and record.status else []
+        history = ", ".join(h.revision.rpartition("sha1:")[2][:7] for h in applied)
+        say(f"    applied revisions of {CHANGED}, newest first: {history}")
         say("==> the demo worked: two tenants ran, an update rolled out and was rolled back")
 
     def create_repos(self) -> None:

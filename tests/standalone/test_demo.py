@@ -38,6 +38,8 @@ def test_demo_runs_the_story_and_leaves_nothing(tmp_path: Path) -> None:
     assert out.count("inside demo-web: /etc/motd says: demo-web v2") == 1
     assert out.count("inside demo-api: /etc/motd says: demo-api v1") == 3
     assert "update of demo-web running" in out and "rollback of demo-web running" in out
+    assert f"{web3} has exactly the tree of {web1} (v1)" in out
+    assert f"applied revisions of demo-web, newest first: {web3}, {web2}, {web1}" in out
     assert not work.exists()  # cleaned up
     left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout
     assert left == "", f"processes left behind: {left}"
