@@ -8,12 +8,14 @@ from typing import Any
 import pytest
 
 from bitbuilder.operator.api import RECONCILE_REQUESTED_ANNOTATION
+from tests.helpers.gated_proxy import GatedProxy
 from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
 from tests.kopf.conftest import operator_thread
 from tests.kopf.test_e2e_suite import run_e2e
 from tests.kopf.test_operator import condition, status_where
+from tests.kopf.test_restart import operator_process
 from tests.standalone.conftest import REAL_HOST, Host, motd, tenant_manifest
 
 pytestmark = [*REAL_HOST, pytest.mark.slow]
@@ -98,3 +100,29 @@ def test_the_e2e_suite_sees_a_tenant_ready(api: EmulatorThread, host: Host, tmp_
             api, tmp_path, BITBUILDER_E2E_REPO=host.url("e2e"), BITBUILDER_E2E_IMAGE="busybox"
         )
     assert "4 passed" in out, out
+
+
+def test_operator_killed_mid_reconcile_converges_on_the_real_shim(
+    api: EmulatorThread, kube: Kube, host: Host, tmp_path: Path
+) -> None:
+    """The remote holds the shim's fetch (a gated proxy in front of git daemon) while the
+    operator process is killed; the restarted operator brings the machine up."""
+    first = host.tenant_repo("web", "v1").head()
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    log = tmp_path / "operator.log"
+    with GatedProxy(host.git.port) as remote:
+        url = host.url("web").replace(f":{host.git.port}/", f":{remote.port}/")
+        with operator_process(kubeconfig, host.socket, log) as operator:
+            kube.ok("POST", TENANTS, tenant_manifest("web", url, interval="1h"))
+            assert remote.held.wait(60), "the shim never reached the remote"
+            operator.kill()
+            operator.wait()
+        remote.gate.set()
+        with operator_process(kubeconfig, host.socket, log):
+            running = wait_for(
+                lambda: status_where(kube, "web", phase="Running", observedGeneration=1),
+                timeout=120,
+                what="web Running after the restart",
+            )
+    assert running["status"]["appliedRevision"] == f"main@sha1:{first}"
+    assert host.motd("web") == "v1"
