@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 from typing import Any, cast
 
 import kubernetes
+import pytest
 
 from bitbuilder.operator.crd import tenant_crd
 from tests.helpers.kube_emulator import Emulator, EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
-from tests.kopf.conftest import Kubectl
+from tests.kopf.conftest import KUBECTL, Kubectl
 
 
 def tenant(name: str = "web", **meta: Any) -> dict[str, Any]:
@@ -243,3 +246,24 @@ def test_kubectl_apply_get_explain_delete(kubectl: Kubectl, tmp_path: Path) -> N
     assert "How often to check the remote" in kubectl("explain", "tenants.spec.source")
     kubectl("delete", "tenant", "web")
     assert kubectl("get", "tenants", "-o", "name") == ""
+
+
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed")
+def test_kubectl_get_watch_prints_each_change(
+    api: EmulatorThread, kube: Kube, tmp_path: Path
+) -> None:
+    assert KUBECTL is not None
+    kube.ok("POST", TENANTS, tenant())
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(api.write_kubeconfig(tmp_path / "kc")),
+        "HOME": str(tmp_path),
+    }
+    argv = [KUBECTL, "get", "tenants", "-w", "--request-timeout=5s"]
+    with subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, text=True) as watch:
+        assert watch.stdout is not None
+        assert watch.stdout.readline().split()[:3] == ["NAME", "RUNTIME", "PHASE"]
+        assert watch.stdout.readline().split()[:2] == ["web", "nspawn"]
+        kube.merge(f"{TENANTS}/web/status", {"status": {"phase": "Running"}})
+        assert watch.stdout.readline().split()[:3] == ["web", "nspawn", "Running"]
+        watch.terminate()
