@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
-import shutil
 import threading
 import uuid
 from collections.abc import Callable, Collection, Iterator, Mapping
@@ -22,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Protocol
 
+from bitbuilder.hostshim import safepath
 from bitbuilder.hostshim.api import (
     ErrorInfo,
     GitRef,
@@ -89,35 +88,16 @@ LayoutLoader = Callable[[Path, MachineSpec], Layout]
 TreeCheck = Callable[[Path, str, Path], list[str]]  # (bare repo, commit, tree) -> differences
 
 
-_OCTAL = re.compile(rb"\\([0-7]{3})")
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def _mounts_under(path: Path) -> list[str]:
-    """Mount points at or below `path` (from /proc/self/mountinfo, octal escapes decoded)."""
-    prefix = os.fsencode(path).rstrip(b"/")
-    found = []
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f:
-            point = _OCTAL.sub(lambda m: bytes([int(m[1], 8)]), line.split(b" ")[4])
-            if point == prefix or point.startswith(prefix + b"/"):
-                found.append(os.fsdecode(point))
-    return found
-
-
 def remove_tree(path: Path) -> None:
-    """rmtree that refuses to descend into anything still mounted (a bind of tenant data)."""
-    if not os.path.lexists(path):
-        return
-    if mounts := _mounts_under(path):
-        raise MachineError(f"{path} still has mounts ({', '.join(mounts[:3])}); not removed")
-    if path.is_symlink() or not path.is_dir():
-        path.unlink()
-    else:
-        shutil.rmtree(path)
+    """safepath.remove_tree, as a MachineError when something is still mounted below."""
+    try:
+        safepath.remove_tree(path)
+    except safepath.UnsafePath as exc:
+        raise MachineError(str(exc), reason="CleanupFailed") from exc
 
 
 def pinned(spec: MachineSpec, commit: str) -> MachineSpec:

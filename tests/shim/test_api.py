@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import threading
+
+import pytest
 
 from bitbuilder.hostshim.api import ImageSpec, MachineSpec, MachineStatus
 from bitbuilder.hostshim.source import Checkout
@@ -254,3 +258,21 @@ def test_status_shows_updating_while_the_machine_is_replaced(fake_shim: FakeShim
         gate.set()
         worker.join(30)
     assert status(fake_shim.client.get("web").body).phase == "Running"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount")
+def test_delete_never_removes_through_a_mount(fake_shim: FakeShim) -> None:
+    fake_shim.client.put(machine_spec())
+    stuck = fake_shim.config.state_dir / "tenants" / "web" / "stuck"
+    stuck.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(stuck)], check=True)
+    try:
+        (stuck / "precious").write_text("x")
+        reply = fake_shim.client.delete("web")
+        assert reply.status == 500 and reply.body["error"] == "CleanupFailed"
+        assert "mounted" in reply.body["message"]
+        assert (stuck / "precious").read_text() == "x"
+    finally:
+        subprocess.run(["umount", str(stuck)], check=True)
+    assert fake_shim.client.delete("web").status == 200  # the delete resumes once it can
+    assert not stuck.parent.exists()
