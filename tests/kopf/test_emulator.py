@@ -267,3 +267,12 @@ def test_kubectl_get_watch_prints_each_change(
         kube.merge(f"{TENANTS}/web/status", {"status": {"phase": "Running"}})
         assert watch.stdout.readline().split()[:3] == ["web", "nspawn", "Running"]
         watch.terminate()
+
+
+def test_the_request_log_is_bounded() -> None:
+    with EmulatorThread(Emulator([tenant_crd()], log_size=10)) as api:
+        kube = Kube(api.url)
+        for _ in range(30):
+            kube.ok("GET", TENANTS)
+        log = api.emulator._requests
+        assert len(log) == 10 and all(str(r.url).endswith(TENANTS) for r in log)
