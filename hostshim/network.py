@@ -255,13 +255,10 @@ def _reservations_of(ifname: str) -> list[Path]:
 def teardown_link(scope: str, name: str) -> None:
     """Remove the filter and the host side of the link (the peer goes with it); missing is fine.
 
-    Everything is derived from the names, so this works without the run record too. (A link's
-    reservation is made before its filter and dropped after it, so with neither a reservation
-    nor an interface there is nothing to remove.)"""
+    Everything is derived from the names, so this works without the run record too."""
     ifname = link_name(scope, name)
-    reservations = _reservations_of(ifname)
-    if reservations or Path("/sys/class/net", ifname).exists():
-        _quiet(["nft", "delete", "table", "inet", _table(ifname)])
+    _quiet(["nft", "delete", "table", "inet", _table(ifname)])
+    if Path("/sys/class/net", ifname).exists():
         _quiet(["ip", "link", "del", ifname])
-    for entry in reservations:
+    for entry in _reservations_of(ifname):
         entry.unlink(missing_ok=True)

@@ -6,6 +6,7 @@ import ipaddress
 import os
 import re
 import socket
+import subprocess
 import urllib.request
 import uuid
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 
 from bitbuilder.hostshim.api import ImageSpec
 from bitbuilder.hostshim.errors import ImageError, MachineError
+from bitbuilder.hostshim.executor import shim_scope
 from bitbuilder.hostshim.layout import Layout, RepoSettings
+from bitbuilder.hostshim.network import link_name
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.runner import RunningMachine
 from bitbuilder.hostshim.source import Checkout
@@ -191,8 +194,9 @@ def test_failed_start_leaves_nothing(shim: Shim, tmp_path: Path) -> None:
     run = TenantPaths(shim.config, name).run
     assert not os.path.ismount(run / "root")
     assert shim.executor.pid(name) is None
-    tables = os.popen("nft list tables").read()
-    assert "bitbuilder_" + name not in tables
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    assert link_name(shim_scope(shim.config), name) not in tables
+    assert not Path("/sys/class/net", link_name(shim_scope(shim.config), name)).exists()
     assert shim.runner.adopt() == {}
 
 
