@@ -36,3 +36,11 @@ def test_the_packages_import_under_their_own_names() -> None:
     operator_api, hostshim_api = map(Path, out.split())
     assert operator_api == REPO / "operator" / "api.py"
     assert hostshim_api == REPO / "hostshim" / "api.py"
+
+
+def test_bootstrap_wants_a_mode() -> None:
+    done = subprocess.run(
+        ["bash", str(REPO / "scripts" / "bootstrap")], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    assert "usage: bash scripts/bootstrap demo|test" in done.stderr
