@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from bitbuilder.hostshim.api import ImageSpec, MachineSpec, MachineStatus
@@ -14,6 +15,18 @@ from tests.shim.fakes import FakeSource, commit_id
 
 def status(body: object) -> MachineStatus:
     return MachineStatus.model_validate(body)
+
+
+def restart_with_state(shim: FakeShim, edit: Callable[[TenantState], None]) -> StateStore:
+    """Stop the shim, change web's state file as a crash would have left it, start again."""
+    shim.stop()
+    store = StateStore(shim.config)
+    state = store.load("web")
+    assert state is not None
+    edit(state)
+    store.save(state)
+    shim.start()
+    return store
 
 
 def test_restarted_shim_readopts_without_restarting(fake_shim: FakeShim) -> None:
@@ -37,16 +50,13 @@ def test_restarted_shim_brings_back_machines_that_died_meanwhile(fake_shim: Fake
 
 def test_half_done_apply_is_finished_at_startup(fake_shim: FakeShim) -> None:
     fake_shim.client.put(machine_spec())
-    fake_shim.stop()
-    # The shim persisted a new desired spec (intent apply) and died before acting on it.
-    store = StateStore(fake_shim.config)
-    state = store.load("web")
-    assert state is not None
     c2 = fake_shim.remote.push(REPO_URL, "main", "c2")
-    state.desired = MachineSpec.model_validate(machine_spec(image="base"))
-    state.intent = Intent.apply
-    store.save(state)
-    fake_shim.start()
+
+    def persisted_then_died(state: TenantState) -> None:  # desired written, nothing done
+        state.desired = MachineSpec.model_validate(machine_spec(image="base"))
+        state.intent = Intent.apply
+
+    store = restart_with_state(fake_shim, persisted_then_died)
     st = status(fake_shim.client.get("web").body)
     assert st.applied_revision == c2 and st.phase == "Running"
     loaded = store.load("web")
@@ -55,13 +65,7 @@ def test_half_done_apply_is_finished_at_startup(fake_shim: FakeShim) -> None:
 
 def test_half_done_delete_is_finished_at_startup(fake_shim: FakeShim) -> None:
     fake_shim.client.put(machine_spec())
-    fake_shim.stop()
-    store = StateStore(fake_shim.config)
-    state = store.load("web")
-    assert state is not None
-    state.intent = Intent.delete
-    store.save(state)
-    fake_shim.start()
+    store = restart_with_state(fake_shim, lambda state: setattr(state, "intent", Intent.delete))
     assert fake_shim.client.get("web").status == 404
     assert "web" not in fake_shim.runner.machines
     assert not store.paths("web").root.exists()
@@ -171,22 +175,22 @@ def test_the_server_checks_for_drift_on_its_own(tmp_path: Path) -> None:
 
 def test_crash_after_the_new_machine_started_is_not_a_restart(fake_shim: FakeShim) -> None:
     fake_shim.client.put(machine_spec())
-    fake_shim.stop()
-    # What a crash right after runner.start leaves: the new revision runs, the state still
-    # names the old one as applied, with the start recorded as in flight.
-    store = StateStore(fake_shim.config)
-    state = store.load("web")
-    assert state is not None and state.applied is not None
     c2 = fake_shim.remote.push(REPO_URL, "main", "c2")
-    checkout = FakeSource(store.paths("web"), fake_shim.remote).sync(state.desired)
-    fake_shim.runner.stop("web")
-    leader = fake_shim.runner.start(state.desired, checkout).leader_pid
-    state.intent = Intent.apply
-    state.starting = f"{c2}:{machine_hash(state.desired)}"
-    store.save(state)
-    fake_shim.start()
+    leaders: list[int] = []
+
+    def started_then_died(state: TenantState) -> None:
+        # The new revision runs; the state still names the old one, the start in flight.
+        checkout = FakeSource(StateStore(fake_shim.config).paths("web"), fake_shim.remote).sync(
+            state.desired
+        )
+        fake_shim.runner.stop("web")
+        leaders.append(fake_shim.runner.start(state.desired, checkout).leader_pid)
+        state.intent = Intent.apply
+        state.starting = f"{c2}:{machine_hash(state.desired)}"
+
+    store = restart_with_state(fake_shim, started_then_died)
     st = status(fake_shim.client.get("web").body)
-    assert st.leader_pid == leader and st.applied_revision == c2 and st.phase == "Running"
+    assert st.leader_pid == leaders[0] and st.applied_revision == c2 and st.phase == "Running"
     assert [h.revision for h in st.history] == [c2, commit_id("c1")]
     loaded = store.load("web")
     assert loaded is not None and loaded.starting is None and loaded.intent is None
@@ -194,14 +198,12 @@ def test_crash_after_the_new_machine_started_is_not_a_restart(fake_shim: FakeShi
 
 def test_a_machine_at_another_revision_is_still_replaced(fake_shim: FakeShim) -> None:
     first = status(fake_shim.client.put(machine_spec()).body)
-    fake_shim.stop()
-    store = StateStore(fake_shim.config)
-    state = store.load("web")
-    assert state is not None
     c2 = fake_shim.remote.push(REPO_URL, "main", "c2")
-    state.intent = Intent.apply
-    state.starting = f"{c2}:{machine_hash(state.desired)}"  # crashed before the start
-    store.save(state)
-    fake_shim.start()
+
+    def died_before_the_start(state: TenantState) -> None:
+        state.intent = Intent.apply
+        state.starting = f"{c2}:{machine_hash(state.desired)}"
+
+    restart_with_state(fake_shim, died_before_the_start)
     st = status(fake_shim.client.get("web").body)
     assert st.applied_revision == c2 and st.leader_pid != first.leader_pid
