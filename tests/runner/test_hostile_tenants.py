@@ -115,3 +115,41 @@ def test_symlinks_pids_and_addresses_reach_neither_host_nor_neighbour(
     assert not (neighbour_paths.data / "upper/etc/pwned").exists()
     assert tree_snapshot(checkout.tree) == revision, "the revision tree is untouched"
     assert shim.runner.inspect(neighbour.name) == neighbour
+
+
+# Root in the machine mounts every cgroup hierarchy it can (its cgroup namespace shows its own
+# cgroup as the root) and tries to lift its limits or make v1 groups of its own. (It may make
+# cgroup2 children: nspawn delegates that subtree, under the limits set above it.)
+ESCAPE_LIMITS = r"""
+for h in memory pids cpu; do
+  mkdir -p /tmp/v1-$h && mount -t cgroup -o $h none /tmp/v1-$h 2>/dev/null
+done
+mkdir -p /tmp/v2 && mount -t cgroup2 none /tmp/v2 2>/dev/null
+for f in /tmp/v1-memory/memory.limit_in_bytes /tmp/v1-pids/pids.max \
+         /tmp/v1-cpu/cpu.cfs_quota_us /tmp/v2/memory.max /tmp/v2/pids.max /tmp/v2/cpu.max \
+         /sys/fs/cgroup/memory.max /sys/fs/cgroup/pids.max; do
+  [ -e $f ] && (echo max > $f || echo -1 > $f) 2>/dev/null && echo "RAISED $f"
+done
+for d in /tmp/v1-memory /tmp/v1-pids /tmp/v1-cpu; do
+  mkdir $d/escape 2>/dev/null && echo "CREATED $d/escape"
+done
+echo checked
+"""
+
+
+def test_tenant_cannot_raise_its_own_limits(shim: Shim) -> None:
+    machine = shim.start(resources={"memoryBytes": 64 * 2**20, "tasks": 32, "cpuMillis": 500})
+    cgroups = shim.executor.cgroups(machine.name)
+    assert cgroups is not None
+    limits = ("memory.limit_in_bytes", "memory.max", "pids.max", "cpu.cfs_quota_us", "cpu.max")
+
+    def host_limits() -> dict[Path, str]:
+        return {
+            d / f: (d / f).read_text() for d in cgroups.dirs for f in limits if (d / f).exists()
+        }
+
+    before = host_limits()
+    assert before, "the machine has limits on the host"
+    result = shim.run_in(machine, "sh", "-c", ESCAPE_LIMITS, in_cgroup=True)
+    assert result.stdout.splitlines() == ["checked"], result.stdout
+    assert host_limits() == before
