@@ -10,11 +10,17 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Sequence
 
-from bitbuilder.operator import crd, demo, get, standalone
+from bitbuilder.operator import crd, demo, get, kubewebhook, standalone
 
 Registrar = Callable[["argparse._SubParsersAction[argparse.ArgumentParser]"], None]
 
-COMMANDS: tuple[Registrar, ...] = (crd.register, standalone.register, get.register, demo.register)
+COMMANDS: tuple[Registrar, ...] = (
+    crd.register,
+    standalone.register,
+    get.register,
+    demo.register,
+    kubewebhook.register,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -47,22 +47,9 @@ from bitbuilder.operator.translate import (
     TranslateError,
     credentials_from_secret,
 )
-from bitbuilder.operator.webhook import WebhookError, start_webhook
+from bitbuilder.operator.webhook import WebhookError, same_repo, start_webhook
 
 log = logging.getLogger("bitbuilder.standalone")
-
-
-def same_repo(a: str, b: str) -> bool:
-    """Do two spellings of a git URL name the same repository (scheme, .git, slash, case)?"""
-
-    def norm(url: str) -> str:
-        url = url.strip().lower().rstrip("/")
-        url = url.removesuffix(".git")
-        url = url.split("://", 1)[-1]
-        url = url.split("@", 1)[-1] if "@" in url.split("/", 1)[0] else url
-        return url.replace(":", "/", 1) if "/" not in url.split(":", 1)[0] else url
-
-    return norm(a) == norm(b)
 
 
 class Standalone:
@@ -166,7 +153,7 @@ class Standalone:
             self._wake(name)
         return known
 
-    def trigger_url(self, url: str) -> list[str]:
+    async def trigger_url(self, url: str) -> list[str]:
         """A push to `url`: the fleet and every tenant whose source is that repo."""
         hits = []
         if same_repo(url, self.fleet.url):

@@ -13,7 +13,7 @@ import hashlib
 import hmac
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -28,7 +28,22 @@ _REPO_OBJECTS = ("repository", "project")
 
 
 class Triggerable(Protocol):
-    def trigger_url(self, url: str) -> list[str]: ...
+    async def trigger_url(self, url: str) -> list[str]:
+        """Reconcile now whatever follows the repository at `url`; what was triggered."""
+        ...
+
+
+def same_repo(a: str, b: str) -> bool:
+    """Do two spellings of a git URL name the same repository (scheme, .git, slash, case)?"""
+
+    def norm(url: str) -> str:
+        url = url.strip().lower().rstrip("/")
+        url = url.removesuffix(".git")
+        url = url.split("://", 1)[-1]
+        url = url.split("@", 1)[-1] if "@" in url.split("/", 1)[0] else url
+        return url.replace(":", "/", 1) if "/" not in url.split(":", 1)[0] else url
+
+    return norm(a) == norm(b)
 
 
 class WebhookError(Exception):
@@ -68,7 +83,7 @@ def pushed_urls(payload: Any) -> Iterator[str]:
                     yield value
 
 
-def make_app(secret: bytes, on_push: Callable[[str], list[str]]) -> web.Application:
+def make_app(secret: bytes, on_push: Callable[[str], Awaitable[list[str]]]) -> web.Application:
     async def hook(request: web.Request) -> web.Response:
         body = await request.read()
         if not authentic(secret, request.headers, body):
@@ -83,7 +98,7 @@ def make_app(secret: bytes, on_push: Callable[[str], list[str]]) -> web.Applicat
             return web.json_response({"error": "body is not JSON"}, status=400)
         triggered: list[str] = []
         for url in dict.fromkeys(pushed_urls(payload)):
-            triggered += [t for t in on_push(url) if t not in triggered]
+            triggered += [t for t in await on_push(url) if t not in triggered]
         log.info("webhook: push to %s triggered %s", next(pushed_urls(payload), "?"), triggered)
         return web.json_response({"triggered": triggered}, status=202)
 

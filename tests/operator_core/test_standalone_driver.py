@@ -16,9 +16,10 @@ from bitbuilder.operator.get import render
 from bitbuilder.operator.localstate import LocalState, utcnow
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
-from bitbuilder.operator.standalone import Standalone, same_repo
+from bitbuilder.operator.standalone import Standalone
 from bitbuilder.operator.status import find_condition
 from bitbuilder.operator.translate import FileSecrets
+from bitbuilder.operator.webhook import same_repo
 from tests.helpers.fakeshim import FakeShim, running_fake_shim
 from tests.operator_core.conftest import SHA_A, SHA_B, tenant_object
 
@@ -107,7 +108,7 @@ def test_fleet_lifecycle(tmp_path: Path) -> None:
 
             # a trigger: the new commit is picked up without waiting for the interval
             fake.heads["b"] = SHA_B
-            assert d.trigger_url("https://git.example/web") == ["a", "b"]
+            assert await d.trigger_url("https://git.example/web") == ["a", "b"]
             await until(lambda: fake.machines["b"].applied_revision == SHA_B, "b at SHA_B")
 
             # removal from the fleet removes the machine and forgets it
@@ -233,7 +234,7 @@ def test_a_push_to_the_fleet_repo_rereads_the_fleet(tmp_path: Path) -> None:
         async with driver(tmp_path) as (d, fake, state):
             fake.heads["a"] = SHA_A
             write_tenant(tmp_path / "fleet", "a")
-            assert d.trigger_url(str(tmp_path / "fleet")) == ["(fleet)"]
+            assert await d.trigger_url(str(tmp_path / "fleet")) == ["(fleet)"]
             await until(lambda: phase(state, "a") == "Running", "a picked up without the interval")
 
     run(body)

@@ -26,7 +26,7 @@ class Recorder:
     def __init__(self) -> None:
         self.urls: list[str] = []
 
-    def trigger_url(self, url: str) -> list[str]:
+    async def trigger_url(self, url: str) -> list[str]:
         self.urls.append(url)
         return ["web"] if url.endswith("web.git") else []
 
