@@ -86,7 +86,10 @@ def main() -> None:
         shutil.copytree(rootfs, bare_root, symlinks=True)
         shim = make_shim(root / "shim", rootfs)
         bare = [bare_start(bare_root, f"bench-bare-{i}") for i in range(args.rounds)]
-        first, first_http, again, again_http = [], [], [], []
+        first: list[float] = []
+        first_http: list[float] = []
+        again: list[float] = []
+        again_http: list[float] = []
         for i in range(args.rounds):
             name = f"bench-{i}"
             for starts, answers in ((first, first_http), (again, again_http)):
