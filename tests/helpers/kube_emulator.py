@@ -558,6 +558,8 @@ class Emulator(kmock.KubernetesEmulator):
         loop = asyncio.get_running_loop()
         deadline = loop.time() + float(raw.query.get("timeoutSeconds") or self.watch_timeout)
         since = raw.query.get("resourceVersion", "")
+        if not since.isdigit() and since != "":
+            raise ApiStatus(400, "BadRequest", f"invalid resourceVersion {since!r}")
         initial = raw.query.get("sendInitialEvents") == "true"
         watch = Watch(
             rtype,
@@ -603,7 +605,7 @@ class Emulator(kmock.KubernetesEmulator):
                 quiet_since = now
             wait = min(deadline, quiet_since + self.bookmark_interval) - now
             async with self.changed:
-                if cursor == self.rv and not self.closing:
+                if cursor >= self.rv and not self.closing:
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self.changed.wait(), max(wait, 0.0))
 

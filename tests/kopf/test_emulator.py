@@ -269,6 +269,13 @@ def test_kubectl_get_watch_prints_each_change(
         watch.terminate()
 
 
+def test_watch_resource_versions_are_checked(kube: Kube) -> None:
+    assert kube.request("GET", f"{TENANTS}?watch=true&resourceVersion=abc")[0] == 400
+    created = kube.ok("POST", TENANTS, tenant())
+    ahead = int(created["metadata"]["resourceVersion"]) + 5
+    assert list(kube.watch(TENANTS, resourceVersion=str(ahead), timeoutSeconds="1")) == []
+
+
 def test_the_request_log_is_bounded() -> None:
     with EmulatorThread(Emulator([tenant_crd()], log_size=10)) as api:
         kube = Kube(api.url)
