@@ -79,6 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", type=int, default=20)
     parser.add_argument("--interval", default="2s", help="the poll path's spec.source.interval")
+    parser.add_argument("--tenants", type=int, default=10, help="tenants added in one fleet push")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-standalone-") as tmp:
         root = Path(tmp)
@@ -106,11 +107,25 @@ def main() -> None:
                     "request": measure(host, "request", args.commits, request),
                     "webhook": measure(host, "webhook", args.commits, lambda: post_webhook(host)),
                 }
+                fleet_seconds = add_tenants(host, args.tenants, manifests(host, args.interval))
             finally:
                 host.teardown()
     print(f"commit pushed -> new revision Running (standalone; poll interval {args.interval})")
     for path, samples in results.items():
         print(report(path, samples))
+    print(f"fleet push adding {args.tenants} tenants -> all Running: {fleet_seconds:.1f}s")
+
+
+def add_tenants(host: Host, count: int, existing: dict[str, object]) -> float:
+    """One fleet commit with `count` more tenants (fleet polled every 500ms): until all run."""
+    commit = host.tenant_repo("many", "many").head()
+    names = [f"t{i:03d}" for i in range(count)]
+    more = {f"{n}.yaml": tenant_manifest(n, host.url("many"), HOUR) for n in names}
+    started = time.perf_counter()
+    host.commit_fleet({**existing, **more})
+    for name in names:
+        host.wait_applied(name, commit, timeout=600, interval=0.05)
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":
