@@ -317,13 +317,13 @@ class Emulator(kmock.KubernetesEmulator):
             if raw.method == "GET":
                 return 200, self._list(raw, route, rtype)
             if raw.method == "POST":
-                return 201, self._create(raw, route, rtype, _json(body), dry_run)
+                return 201, self._create(raw, route, rtype, _object(body), dry_run)
             raise ApiStatus(405, "MethodNotAllowed", f"{raw.method} on a collection")
         key = (rtype.key, route.namespace, route.name)
         if raw.method == "GET":
             return 200, self._get(rtype, key)
         if raw.method == "PUT":
-            return 200, self._update(raw, rtype, key, _json(body), route.subresource, dry_run)
+            return 200, self._update(raw, rtype, key, _object(body), route.subresource, dry_run)
         if raw.method == "PATCH":
             candidate = self._patched(raw, rtype, key, body)
             return 200, self._update(raw, rtype, key, candidate, route.subresource, dry_run)
@@ -421,7 +421,7 @@ class Emulator(kmock.KubernetesEmulator):
         kind = raw.content_type
         patched: Obj
         if kind in MERGE_PATCHES:
-            patched = merge_patch(current, _json(body))
+            patched = merge_patch(current, _object(body))
             return patched
         if kind == JSON_PATCH:
             try:
@@ -635,6 +635,14 @@ def _json(body: bytes) -> Any:
         return json.loads(body) if body else {}
     except ValueError as e:
         raise ApiStatus(400, "BadRequest", f"the body is not JSON: {e}") from e
+
+
+def _object(body: bytes) -> Obj:
+    """A request body that must be one object (POST, PUT, merge patches)."""
+    value = _json(body)
+    if not isinstance(value, dict):
+        raise ApiStatus(400, "BadRequest", "the body must be a JSON object")
+    return value
 
 
 def _sort_key(item: tuple[tuple[str, str | None, str], Obj]) -> tuple[str, str, str]:

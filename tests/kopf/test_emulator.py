@@ -276,6 +276,10 @@ def test_watch_resource_versions_are_checked(kube: Kube) -> None:
     assert list(kube.watch(TENANTS, resourceVersion=str(ahead), timeoutSeconds="1")) == []
 
 
+def test_bodies_that_are_not_objects_are_bad_requests(kube: Kube) -> None:
+    assert kube.request("POST", TENANTS, ["not", "an", "object"])[0] == 400
+
+
 def test_the_request_log_is_bounded() -> None:
     with EmulatorThread(Emulator([tenant_crd()], log_size=10)) as api:
         kube = Kube(api.url)
