@@ -33,6 +33,9 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT_MS = 5_000  # TCP connect; an unreachable host fails in seconds, not minutes
 IO_TIMEOUT_MS = 30_000  # a server that stalls mid-conversation
+# One fetch may bring at most this much (the checkout itself is limited by the layout): a
+# hostile remote must not fill the host's state disk.
+MAX_FETCH_BYTES = 1 << 30
 ORIGIN_BRANCH = "refs/remotes/origin/"
 URL_KEY = "bitbuilder.url"  # the remote this repository mirrors
 ALL_REFS = ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"]
@@ -62,6 +65,18 @@ class LocalCorruption(CorruptRepository):
 
 class SourceNotAllowed(SourceError):
     reason = "SourceNotAllowed"
+
+
+class SourceTooLarge(SourceError):
+    reason = "SourceTooLarge"
+
+
+class _Callbacks(credentials.Callbacks):
+    """The tenant's credentials, and the fetch aborted once it exceeds MAX_FETCH_BYTES."""
+
+    def transfer_progress(self, stats: pygit2.remotes.TransferProgress) -> None:
+        if stats.received_bytes > MAX_FETCH_BYTES:
+            raise SourceTooLarge(f"the fetch exceeds {MAX_FETCH_BYTES / 2**20:g} MiB; aborted")
 
 
 @dataclass(frozen=True)
@@ -247,7 +262,7 @@ class GitSource:
         """Run one network operation with the spec's credentials; errors become SourceErrors."""
         creds = source.credentials
         home = credentials.write_credentials(self.paths, creds)
-        callbacks = credentials.Callbacks(creds, credentials.ssh_user(source.url, creds))
+        callbacks = _Callbacks(creds, credentials.ssh_user(source.url, creds))
         ssh = credentials.is_ssh(source.url)
         try:
             remote = repo.remotes.create_anonymous(source.url)

@@ -240,6 +240,21 @@ def test_another_tenants_mirror_is_refused_even_below_an_allowed_root(
     assert thief.sync(make_spec(repo.file_url())).commit == first, "the root itself is fine"
 
 
+@pytest.mark.parametrize("kind", ["file", "git", "http"])
+def test_a_fetch_over_the_size_limit_is_aborted(
+    kind: str, repo: TenantRepo, served: Path, paths: TenantPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A remote serving more than MAX_FETCH_BYTES cannot fill the state disk."""
+    monkeypatch.setattr(source_module, "MAX_FETCH_BYTES", 256 << 10)
+    repo.commit({**BASIC_LAYOUT, "blob.bin": os.urandom(1 << 20)})  # incompressible
+    for remote in serve(kind, repo, served):
+        error = reason_of(GitSource(paths, paths.config), remote.spec())
+        assert error.reason == "SourceTooLarge" and "exceeds 0.25 MiB" in error.message, error
+    packs = list((paths.repo / "objects/pack").iterdir())
+    assert sum(p.stat().st_size for p in packs) < 256 << 10, "no partial pack is kept"
+    assert not paths.revisions.exists()
+
+
 def test_corrupt_local_objects_are_recovered_by_recloning(
     file_remote: Remote,
     repo: TenantRepo,
