@@ -9,17 +9,23 @@ whenever the manifest's spec changes, like metadata.generation in a cluster.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TextIO
 
 from pydantic import BaseModel, Field
 
 from bitbuilder.operator.api import Tenant, TenantStatus
 
 DEFAULT_STATE_DIR = Path("/var/lib/bitbuilder/standalone")
+
+
+class StateBusy(OSError):
+    pass
 
 
 class TenantRecord(BaseModel):
@@ -99,6 +105,18 @@ class LocalState:
 
     def records(self) -> list[TenantRecord]:
         return [r for r in (self.load(n) for n in self.names()) if r is not None]
+
+    def lock(self) -> TextIO:
+        """Hold the state dir for one `bitbuilder run` (two would fight over the machines).
+        Kept while the returned file is open; raises StateBusy."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        handle = (self.root / "run.lock").open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise StateBusy(f"another `bitbuilder run` uses {self.root}") from None
+        return handle
 
     def save_fleet(self, fleet: FleetRecord) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

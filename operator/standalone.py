@@ -259,6 +259,11 @@ def parse_labels(pairs: list[str]) -> dict[str, str]:
 async def run_standalone(args: argparse.Namespace, stop: asyncio.Event) -> None:
     """Raises StartupError for what the command line got wrong."""
     state = LocalState(args.state_dir)
+    with state.lock():
+        await _run_locked(args, state, stop)
+
+
+async def _run_locked(args: argparse.Namespace, state: LocalState, stop: asyncio.Event) -> None:
     secrets = FileSecrets(args.secrets_dir)
     credentials = None
     if args.fleet_secret:

@@ -12,6 +12,7 @@ from pydantic import SecretStr
 from bitbuilder.hostshim.api import GitCredentials
 from bitbuilder.operator.cli import main
 from bitbuilder.operator.fleet import FleetError, FolderFleet, GitFleet, open_fleet, read_fleet
+from bitbuilder.operator.localstate import LocalState
 from tests.helpers.gitserve import TenantRepo, http_server
 from tests.operator_core.conftest import tenant_object
 
@@ -172,3 +173,12 @@ def test_run_refuses_a_bad_command_line(tmp_path: Path, caplog: pytest.LogCaptur
     assert "secret 'nope' not found" in caplog.text
     assert main([*common, "--webhook-listen", "127.0.0.1:0"]) == 2
     assert "--webhook-secret-file" in caplog.text
+
+
+def test_one_reconciler_per_state_dir(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    state = LocalState(tmp_path / "state")
+    with state.lock():
+        argv = ["run", "--fleet", str(tmp_path), "--state-dir", str(state.root)]
+        assert main(argv) == 2
+        assert "another `bitbuilder run` uses" in caplog.text
+    state.lock().close()  # free again once the holder is gone
