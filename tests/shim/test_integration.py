@@ -192,3 +192,23 @@ def test_create_and_update_over_network_transports(
         second = put(shim, body)
         assert second.applied_revision == v2 and motd(second) == "v2\n"
         assert put(shim, body).leader_pid == second.leader_pid
+
+
+def test_rollback_by_pinning_and_by_force_push(shim: RealShim, tmp_path: Path) -> None:
+    repo = make_repo(tmp_path, "web", "v1\n")
+    v1 = repo.head()
+    put(shim, spec("web", repo))
+    v2 = repo.commit({"confext/base/etc/motd": "v2\n"})
+    assert put(shim, spec("web", repo)).applied_revision == v2
+
+    pinned_body = spec("web", repo)
+    pinned_body["source"]["ref"] = {"commit": v1}
+    pinned = put(shim, pinned_body)
+    assert pinned.applied_revision == v1 and motd(pinned) == "v1\n"
+    assert [h.revision for h in pinned.history] == [v1, v2]
+
+    assert put(shim, spec("web", repo)).applied_revision == v2  # following main again
+    repo.force_push(v1)
+    back = put(shim, spec("web", repo))
+    assert back.applied_revision == v1 and motd(back) == "v1\n"
+    assert back.source_revision == f"main@sha1:{v1}"
