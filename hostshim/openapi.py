@@ -36,7 +36,7 @@ _ERRORS = {
     "403": "The caller's uid/gid (SO_PEERCRED) is not allowed on this socket.",
     "404": "No such machine, image or route.",
     "405": "The route does not take this method.",
-    "409": "The request conflicts with the machine's state (e.g. restart while suspended).",
+    "409": "Conflicts with the machine's state (restart while suspended; its state file unreadable).",
     "413": "The body is larger than the shim accepts.",
     "415": "The body is not application/json.",
     "422": "The body or a parameter fails validation; `field` names it.",
@@ -102,7 +102,7 @@ def openapi_document() -> dict[str, Any]:
         },
         f"{prefix}/machines/{{name}}": {
             "parameters": [machine],
-            "get": {"summary": "One machine", "responses": ok(MachineStatus, "Its status.")},
+            "get": {"summary": "One machine", "responses": ok(MachineStatus, "Its status.", "409")},
             "put": {
                 "summary": "Desired state; reconciled before the reply (idempotent)",
                 "requestBody": body(MachineSpec),
