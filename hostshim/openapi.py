@@ -115,7 +115,7 @@ def openapi_document() -> dict[str, Any]:
             "delete": {
                 "summary": "Stop and remove the machine",
                 "parameters": [keep_data],
-                "responses": ok(None, "Removed.", "409", "422"),
+                "responses": ok(None, "Removed.", "422"),
             },
         },
         f"{prefix}/machines/{{name}}/restart": {
