@@ -80,6 +80,7 @@ CORE_TYPES = (
         "CustomResourceDefinition",
         namespaced=False,
         short_names=("crd", "crds"),
+        status_subresource=True,
     ),
 )
 VERBS = ("create", "delete", "get", "list", "patch", "update", "watch")
@@ -490,6 +491,8 @@ class Emulator(kmock.KubernetesEmulator):
             return new  # a no-op write changes nothing, not even the resourceVersion
         if new["metadata"].get("deletionTimestamp") and not new["metadata"].get("finalizers"):
             return self._commit(rtype, key, new, "DELETED")
+        if rtype.kind == "CustomResourceDefinition":
+            self.serve(ResourceType.from_crd(new))  # a changed CRD is served as changed
         return self._commit(rtype, key, new, "MODIFIED")
 
     def _delete(self, rtype: ResourceType, key: tuple[str, str | None, str], dry: bool) -> Obj:

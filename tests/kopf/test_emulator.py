@@ -287,3 +287,35 @@ def test_the_request_log_is_bounded() -> None:
             kube.ok("GET", TENANTS)
         log = api.emulator._requests
         assert len(log) == 10 and all(str(r.url).endswith(TENANTS) for r in log)
+
+
+def test_a_posted_crd_is_served(kube: Kube) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"spec": {"type": "object", "properties": {"size": {"type": "integer"}}}},
+    }
+    crd = {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": "widgets.example.com"},
+        "spec": {
+            "group": "example.com",
+            "scope": "Namespaced",
+            "names": {"plural": "widgets", "kind": "Widget"},
+            "versions": [
+                {
+                    "name": "v1",
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": schema},
+                }
+            ],
+        },
+    }
+    created = kube.ok("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", crd)
+    assert {c["type"] for c in created["status"]["conditions"]} >= {"Established"}
+    widgets = "/apis/example.com/v1/namespaces/default/widgets"
+    widget: dict[str, Any] = {"metadata": {"name": "w"}, "spec": {"size": "big"}}
+    assert kube.request("POST", widgets, widget)[0] == 422
+    widget["spec"]["size"] = 3
+    assert kube.ok("POST", widgets, widget)["metadata"]["generation"] == 1
