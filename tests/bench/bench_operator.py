@@ -26,9 +26,7 @@ from tests.helpers.kube_emulator import Emulator, EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
-from tests.kopf.conftest import operator_thread
-from tests.kopf.test_operator import status_where
-from tests.kopf.test_real_shim import request_sync
+from tests.kopf.support import operator_thread, request_sync, status_where
 from tests.standalone.conftest import Host, motd, tenant_manifest
 
 

@@ -4,30 +4,12 @@ real cluster. With the operator and a real host shim, its Tenant-Ready test runs
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.kube_emulator import EmulatorThread
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def run_e2e(api: EmulatorThread, tmp_path: Path, **env: str) -> str:
-    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
-    done = subprocess.run(
-        [sys.executable, "-m", "pytest", "tests/e2e", "-q", "-rs", "-p", "no:cacheprovider"],
-        cwd=ROOT,
-        env={**os.environ, "KUBECONFIG": str(kubeconfig), **env},
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    return done.stdout
+from tests.kopf.support import run_e2e
 
 
 @pytest.mark.slow

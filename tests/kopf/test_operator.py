@@ -4,42 +4,24 @@ from __future__ import annotations
 
 import base64
 from datetime import UTC, datetime
-from typing import Any
 
 from bitbuilder.hostshim.api import ErrorInfo
 from bitbuilder.operator.api import FINALIZER, OPERATOR_NAMESPACE, RECONCILE_REQUESTED_ANNOTATION
 from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
-from tests.kopf.conftest import NODE, FakeShimServer, Kubectl, operator_thread
-
-SHA_A, SHA_B = "a" * 40, "b" * 40
-
-
-def tenant(name: str = "web", **spec: Any) -> dict[str, Any]:
-    return {
-        "apiVersion": "bitbuilder.io/v1alpha1",
-        "kind": "Tenant",
-        "metadata": {"name": name},
-        "spec": {
-            "image": {"name": "base"},
-            "source": {"url": "https://git.example/web.git", "ref": {"branch": "main"}},
-            **spec,
-        },
-    }
-
-
-def condition(obj: dict[str, Any] | None, kind: str) -> dict[str, Any]:
-    for cond in ((obj or {}).get("status") or {}).get("conditions", []):
-        if cond["type"] == kind:
-            return dict(cond)
-    return {}
-
-
-def status_where(kube: Kube, name: str, **wanted: Any) -> dict[str, Any] | None:
-    obj = kube.get(f"{TENANTS}/{name}")
-    status = (obj or {}).get("status") or {}
-    return obj if all(status.get(k) == v for k, v in wanted.items()) else None
+from tests.kopf.conftest import Kubectl
+from tests.kopf.support import (
+    NODE,
+    SHA_A,
+    SHA_B,
+    FakeShimServer,
+    condition,
+    event_reasons,
+    operator_thread,
+    status_where,
+    tenant,
+)
 
 
 def test_apply_runs_then_follows_spec_commits_and_problems(
@@ -135,11 +117,6 @@ def test_the_source_is_polled_every_interval(
             timeout=10,
             what="revision B applied by polling",
         )
-
-
-def event_reasons(kube: Kube, name: str) -> set[str]:
-    events = kube.ok("GET", "/api/v1/namespaces/default/events")["items"]
-    return {e["reason"] for e in events if e["involvedObject"]["name"] == name}
 
 
 def test_secret_refs_are_read_from_the_operator_namespace(

@@ -3,40 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from bitbuilder.operator.api import RECONCILE_REQUESTED_ANNOTATION
 from tests.helpers.gated_proxy import GatedProxy
 from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
-from tests.kopf.conftest import operator_thread
-from tests.kopf.test_e2e_suite import run_e2e
-from tests.kopf.test_operator import condition, status_where
-from tests.kopf.test_restart import operator_process
+from tests.kopf.support import (
+    condition,
+    operator_process,
+    operator_thread,
+    phases_since,
+    request_sync,
+    run_e2e,
+    status_where,
+)
 from tests.standalone.conftest import REAL_HOST, Host, motd, tenant_manifest
 
 pytestmark = [*REAL_HOST, pytest.mark.slow]
-
-
-def request_sync(kube: Kube, name: str, token: str) -> None:
-    kube.merge(
-        f"{TENANTS}/{name}", {"metadata": {"annotations": {RECONCILE_REQUESTED_ANNOTATION: token}}}
-    )
-
-
-def phases_since(kube: Kube, name: str, resource_version: str) -> list[str]:
-    """Every phase the Tenant's status went through after `resource_version` (watch replay)."""
-    events = kube.watch(TENANTS, resourceVersion=resource_version, timeoutSeconds="1")
-    phases: list[str] = []
-    for event in events:
-        obj: dict[str, Any] = event["object"]
-        phase = (obj.get("status") or {}).get("phase")
-        if obj["metadata"]["name"] == name and phase and (not phases or phases[-1] != phase):
-            phases.append(phase)
-    return phases
 
 
 def test_apply_update_break_and_delete_a_real_machine(

@@ -2,58 +2,16 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import threading
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from bitbuilder.hostshim.api import MachineSpec, MachineStatus
-from bitbuilder.operator.demohost import free_port
 from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
-from tests.kopf.conftest import NODE, FakeShimServer
-from tests.kopf.test_operator import SHA_A, status_where, tenant
-
-
-def healthy(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
-@contextmanager
-def operator_process(
-    kubeconfig: Path, shim_socket: Path, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    """bitbuilder-operator against the emulator; its liveness endpoint answering = started."""
-    liveness = f"http://127.0.0.1:{free_port()}/healthz"
-    argv = [
-        str(Path(sys.executable).parent / "bitbuilder-operator"),
-        "--kubeconfig", str(kubeconfig), "--socket", str(shim_socket),
-        "--node-name", NODE, "--liveness", liveness,
-    ]  # fmt: skip
-    with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for(lambda: healthy(liveness) or proc.poll() is not None, what="operator liveness")
-        assert proc.poll() is None, log.read_text()[-3000:]
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+from tests.kopf.support import NODE, SHA_A, FakeShimServer, operator_process, status_where, tenant
 
 
 @pytest.mark.slow
