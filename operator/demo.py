@@ -25,6 +25,7 @@ import yaml
 
 from bitbuilder.hostshim.api import ImageSpec, MachinePhase
 from bitbuilder.operator.demohost import (
+    CHILDREN,
     DemoError,
     Processes,
     Repo,
@@ -32,6 +33,7 @@ from bitbuilder.operator.demohost import (
     free_port,
     git,
     start_git_daemon,
+    stop_recorded,
     tool,
     wait_port,
 )
@@ -317,19 +319,34 @@ def run_demo(workdir: Path | None, keep: bool) -> int:
 
 def cleanup(demo: Demo, keep_files: bool) -> None:
     with step("cleaning up: machines, reconciler, shim, git daemon"):
-        reconciler = [p for n, p in demo.procs.children if n == "reconciler"]
-        for proc in reconciler:  # first, or it would recreate what we remove
-            proc.terminate()
-            proc.wait(20)
+        demo.procs.stop("reconciler")  # first, or it would recreate what we remove
         asyncio.run(demo.remove_machines())
         demo.procs.stop_all()
-        mounted = mounts_under(demo.work)
-        if mounted:  # never rmtree through a mount: it could reach files outside the demo
-            say(f"    still mounted under {demo.work}: {', '.join(mounted)}")
-        if not keep_files and not mounted:
-            shutil.rmtree(demo.work, ignore_errors=True)
+        remove_folder(demo.work, keep_files)
+
+
+def clean_kept(work: Path) -> int:
+    """`--clean DIR`: end what `--keep` left running in DIR, then remove DIR."""
+    if not (work / "logs" / CHILDREN).is_file():
+        print(f"error: {work} is not the folder of a kept demo", file=sys.stderr)
+        return 2
+    demo = Demo(work)
+    with step(f"cleaning up the demo kept in {work}"):
+        stop_recorded(demo.procs.logs, "reconciler")
+        asyncio.run(demo.remove_machines())
+        stop_recorded(demo.procs.logs)
+        remove_folder(work, keep_files=False)
+    return 0
+
+
+def remove_folder(work: Path, keep_files: bool) -> None:
+    mounted = mounts_under(work)
+    if mounted:  # never rmtree through a mount: it could reach files outside the demo
+        say(f"    still mounted under {work}: {', '.join(mounted)}")
     if keep_files or mounted:
-        say(f"    kept {demo.work} for its logs")
+        say(f"    kept {work} for its logs")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def mounts_under(folder: Path) -> list[str]:
@@ -349,8 +366,7 @@ def say_kept(demo: Demo) -> None:
         say(f"    {name}: pid {proc.pid} (log {demo.procs.logs / name}.log)")
     say(f"    bitbuilder get tenants --state-dir {demo.state.root}")
     say(f"    change a tenant: cd {demo.work / 'src' / CHANGED} && edit, git commit, git push")
-    pids = " ".join(str(p.pid) for _, p in reversed(demo.procs.children))
-    say(f"    stop: kill {pids}  (the machines keep running until the shim deletes them)")
+    say(f"    end it all: bitbuilder demo --clean {demo.work}")
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -362,4 +378,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     )
     parser.add_argument("--keep", action="store_true", help="leave everything running")
     parser.add_argument("--workdir", type=Path, help="work folder (default: a new one in /var/tmp)")
-    parser.set_defaults(handler=lambda args: run_demo(args.workdir, args.keep))
+    parser.add_argument(
+        "--clean", type=Path, metavar="DIR", help="end a --keep demo: machines, processes, DIR"
+    )
+    parser.set_defaults(
+        handler=lambda args: (
+            clean_kept(args.clean) if args.clean else run_demo(args.workdir, args.keep)
+        )
+    )

@@ -5,6 +5,7 @@ running), with its log in the demo's work dir, stopped by its own pid.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -14,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 GIT_ENV = {
     "GIT_AUTHOR_NAME": "BitBuilder demo",
@@ -28,6 +30,9 @@ BUSYBOX_BUILDER = (
     "from bitbuilder.hostshim.busybox import build_busybox_rootfs\n"
     "build_busybox_rootfs(pathlib.Path(sys.argv[1]))\n"
 )
+
+
+CHILDREN = "children.json"
 
 
 class DemoError(Exception):
@@ -96,7 +101,9 @@ class Repo:
 
 @dataclass
 class Processes:
-    """Children started by the demo, stopped in reverse order."""
+    """Children started by the demo, stopped in reverse order. Their names and pids are also
+    written to `children.json` in the logs folder, so `bitbuilder demo --clean` can stop what a
+    `--keep` run left behind."""
 
     logs: Path
     children: list[tuple[str, subprocess.Popen[bytes]]] = field(default_factory=list)
@@ -109,7 +116,12 @@ class Processes:
                 start_new_session=True,
             )  # fmt: skip
         self.children.append((name, proc))
+        self._record()
         return proc
+
+    def _record(self) -> None:
+        pids = [[name, proc.pid] for name, proc in self.children]
+        (self.logs / CHILDREN).write_text(json.dumps(pids))
 
     def check(self) -> None:
         for name, proc in self.children:
@@ -117,8 +129,12 @@ class Processes:
                 tail = (self.logs / f"{name}.log").read_text(errors="replace")[-2000:]
                 raise DemoError(f"{name} exited with {proc.returncode}; its log ends:\n{tail}")
 
-    def stop_all(self, timeout: float = 20.0) -> None:
-        for _, proc in reversed(self.children):
+    def stop(self, *names: str, timeout: float = 20.0) -> None:
+        """Stop these children (all if none named), the last started first."""
+        for entry in reversed(list(self.children)):
+            name, proc = entry
+            if names and name not in names:
+                continue
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             try:
@@ -126,7 +142,39 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        self.children.clear()
+            self.children.remove(entry)
+        if self.logs.is_dir():
+            self._record()
+
+    def stop_all(self, timeout: float = 20.0) -> None:
+        self.stop(timeout=timeout)
+
+
+def stop_recorded(logs: Path, *names: str, timeout: float = 20.0) -> list[str]:
+    """Stop the children a kept demo left running (all, or these names), by their recorded
+    pids — each only while it still is that process (its command line names the demo folder).
+    Returns the names stopped."""
+    marker = str(logs.parent).encode()
+    entries: list[list[Any]] = json.loads((logs / CHILDREN).read_text())
+    stopped = []
+    for name, pid in reversed(entries):
+        if (names and name not in names) or not _runs(pid, marker):
+            continue
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while _runs(pid, marker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _runs(pid, marker):
+            os.kill(pid, signal.SIGKILL)
+        stopped.append(name)
+    return stopped
+
+
+def _runs(pid: int, marker: bytes) -> bool:
+    try:
+        return marker in Path(f"/proc/{pid}/cmdline").read_bytes()  # empty once a zombie
+    except OSError:
+        return False
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 15.0) -> None:

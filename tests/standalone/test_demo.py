@@ -56,3 +56,39 @@ def test_demo_refuses_a_folder_that_holds_something(tmp_path: Path) -> None:
     )
     assert done.returncode == 2 and "not empty" in done.stderr
     assert (tmp_path / "precious").read_text() == "keep me"
+
+
+def test_kept_demo_keeps_running_until_cleaned(tmp_path: Path) -> None:
+    work = tmp_path / "kept"
+    demo = [str(BIN / "bitbuilder"), "demo"]
+    try:
+        done = subprocess.run(
+            [*demo, "--keep", "--workdir", str(work)], capture_output=True, text=True, timeout=600
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert f"bitbuilder demo --clean {work}" in done.stdout
+        running = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True)
+        assert len(running.stdout.split()) >= 4  # git daemon, shim, reconciler, machines
+        table = subprocess.run(
+            [*demo[:1], "get", "tenants", "--state-dir", str(work / "standalone")],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert table.count("Running") == 2
+    finally:
+        cleaned = subprocess.run(
+            [*demo, "--clean", str(work)], capture_output=True, text=True, timeout=120
+        )
+    assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+    assert not work.exists()
+    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout
+    assert left == "", f"processes left behind: {left}"
+    assert str(work) not in Path("/proc/mounts").read_text()
+
+
+def test_clean_refuses_a_folder_that_is_no_kept_demo(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(BIN / "bitbuilder"), "demo", "--clean", str(tmp_path)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 2 and "not the folder of a kept demo" in done.stderr
+    assert tmp_path.exists()
