@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from bitbuilder.hostshim.api import MachinePhase, MachineStatus, parse_duration
 from bitbuilder.operator.api import Tenant, TenantPhase, TenantStatus
-from bitbuilder.operator.shimclient import ShimApiError, ShimClient, ShimError, ShimUnavailable
+from bitbuilder.operator.shimclient import ShimApiError, ShimClient, ShimError
 from bitbuilder.operator.status import (
     Event,
     Observation,
@@ -200,16 +200,3 @@ async def finalize(tenant: Tenant, shim: ShimClient) -> bool:
     name = tenant.metadata.name
     await shim.delete(name, keep_data=tenant.spec.keep_data_on_delete)
     return await shim.get(name) is None
-
-
-__all__ = [
-    "Event",
-    "Node",
-    "ReconcileResult",
-    "ShimUnavailable",
-    "finalize",
-    "interval",
-    "jittered",
-    "placed_here",
-    "reconcile",
-]
