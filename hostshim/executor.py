@@ -35,6 +35,12 @@ _ENTER_CGROUPS = (
 )
 
 
+# The console reader: the first $1 bytes the machine prints (its start, and nspawn's own
+# errors) go to the log file $2, the rest is read and dropped. A machine cannot fill the runtime
+# dir (a tmpfs) however much it prints, nor block on its console.
+_CONSOLE_READER = 'head -c "$1" > "$2"; exec cat > /dev/null'
+CONSOLE_LOG_BYTES = 1 << 20
+
 # Newer systemd inside a machine refuses to boot on a host with v1 controllers without it.
 _LAUNCH_ENV = {
     "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -119,7 +125,19 @@ class DirectExecutor:
 
     def _spawn(self, name: str, argv: list[str], cgroups: MachineCgroups, log: Path) -> int:
         log.parent.mkdir(parents=True, exist_ok=True)
-        with log.open("ab") as out:
+        # Outside the machine's cgroups, so stopping the machine never kills it before it has
+        # written the last lines; it ends when nspawn closes the pipe.
+        reader = subprocess.Popen(
+            ["/bin/sh", "-c", _CONSOLE_READER, "bb-console", str(CONSOLE_LOG_BYTES), str(log)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+            env=_LAUNCH_ENV,
+        )
+        assert reader.stdin is not None
+        with reader.stdin as out:
             proc = subprocess.Popen(
                 in_cgroups(cgroups.procs_files(), argv),
                 stdin=subprocess.DEVNULL,
@@ -130,7 +148,8 @@ class DirectExecutor:
                 env=_LAUNCH_ENV,
             )
         # This shim reaps its own children; after a restart, init reaps the adopted ones.
-        threading.Thread(target=proc.wait, name=f"reap-{name}", daemon=True).start()
+        for child in (proc, reader):
+            threading.Thread(target=child.wait, name=f"reap-{name}", daemon=True).start()
         identity = self._await_exec(proc, argv)
         record = {
             "pid": proc.pid,

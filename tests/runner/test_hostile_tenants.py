@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from bitbuilder.hostshim import executor as executor_module
 from bitbuilder.hostshim.api import MachineSpec
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.paths import TenantPaths
@@ -153,3 +154,17 @@ def test_tenant_cannot_raise_its_own_limits(shim: Shim) -> None:
     result = shim.run_in(machine, "sh", "-c", ESCAPE_LIMITS, in_cgroup=True)
     assert result.stdout.splitlines() == ["checked"], result.stdout
     assert host_limits() == before
+
+
+def test_console_flood_neither_fills_the_runtime_dir_nor_blocks(
+    shim: Shim, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(executor_module, "CONSOLE_LOG_BYTES", 64 << 10)
+    machine = shim.start()
+    log = TenantPaths(shim.config, machine.name).run / "console.log"
+    flood = "i=0; while [ $i -lt 4 ]; do cat /bin/busybox > /dev/console; i=$((i+1)); done"
+    assert shim.run_in(machine, "sh", "-c", flood, timeout=60).returncode == 0
+    assert log.stat().st_size == 64 << 10, "the first bytes are kept, the rest dropped"
+    assert shim.runner.inspect(machine.name) == machine, "the machine runs on"
+    echo = shim.run_in(machine, "sh", "-c", "echo still-talking > /dev/console", timeout=10)
+    assert echo.returncode == 0, "its console is still read"
