@@ -115,7 +115,11 @@ def _reserved_networks() -> set[ipaddress.IPv4Network]:
     tables = _run(["nft", "list", "tables"], "cannot list nftables tables").split()
     reserved = set()
     for entry in RESERVATIONS.iterdir():
-        if _table(entry.read_text().strip()) in tables:
+        try:
+            owner = entry.read_text().strip()
+        except FileNotFoundError:  # a teardown (not under the pool lock) removed it meanwhile
+            continue
+        if _table(owner) in tables:
             reserved.add(ipaddress.IPv4Network(f"{entry.name}/30"))
         else:
             entry.unlink(missing_ok=True)
