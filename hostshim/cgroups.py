@@ -23,6 +23,10 @@ from bitbuilder.hostshim.errors import MachineError
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
 V1_CONTROLLERS = ("memory", "cpu", "pids", "systemd")  # "systemd" = the name=systemd hierarchy
+# The tasks limit of a machine whose spec sets none (where the pids controller exists): a fork
+# bomb in one machine must not exhaust the host's pids. (systemd's DefaultTasksMax does the same
+# for the systemd executor.)
+DEFAULT_TASKS = 16384
 
 
 def _unified_root() -> Path | None:
@@ -183,6 +187,8 @@ def create_cgroups(scope: str, name: str, limits: ResourceLimits) -> MachineCgro
         v1[controller] = base / _own_v1_path(controller) / group / name
         _mkdir(v1[controller])
     cgroups = MachineCgroups(unified=unified, v1=tuple(v1.values()))
+    if limits.tasks is None and "pids" in v2 | set(v1):
+        limits = limits.model_copy(update={"tasks": DEFAULT_TASKS})
     try:
         _require(limits, v2 | set(v1))
         _v2_limits(unified, limits, v2)

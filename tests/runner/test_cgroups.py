@@ -68,3 +68,17 @@ def test_a_limit_without_its_controller_is_refused(
     assert refused.value.reason == "LimitUnsupported" and "pids" in refused.value.message
     assert not (tmp_path / "bitbuilder-scope1" / "web").exists(), "nothing half-made is left"
     assert cgroups.create_cgroups("scope1", "ok", ResourceLimits(cpu_millis=100)).unified.is_dir()
+
+
+def test_a_machine_without_a_tasks_limit_gets_the_hosts_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hierarchy(tmp_path, "cpu memory pids\n")
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path)
+    made = cgroups.create_cgroups("scope1", "web", ResourceLimits())
+    assert (made.unified / "pids.max").read_text() == str(cgroups.DEFAULT_TASKS)
+    assert not (made.unified / "memory.max").exists(), "only the tasks limit has a default"
+    fake_hierarchy(tmp_path / "no-pids", "cpu memory\n")
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path / "no-pids")
+    made = cgroups.create_cgroups("scope1", "web", ResourceLimits())
+    assert not (made.unified / "pids.max").exists(), "no pids controller: no default, no error"
