@@ -268,6 +268,9 @@ def test_hostile_images(guarded: RealShim, tmp_path: Path, image: dict[str, str]
      ({"sysext/tools/usr": Link("../../../../../../../tmp")}, True),
      ({"machine.yaml": Link("/etc/hostname")}, True),
      ({"units/evil.service": Link("/etc/passwd")}, True),
+     ({"confext/base/etc": Link("/proc/self/root/etc")}, True),
+     # from revisions/<sha>/confext/: up to state/tenants/, into another tenant's folder
+     ({"confext/base": Link("../../../../victim/data")}, True),
      # Valid inside the machine (its own /etc/shadow): accepted, never followed on the host.
      ({"confext/base/etc/motd": Link("/etc/shadow")}, False)],
 )  # fmt: skip
@@ -286,6 +289,21 @@ def test_symlinks_in_the_tenant_repo_never_reach_outside(
         assert next(iter(files)) in reply.body["sourceError"]["message"]
     else:  # the revision is fine; the machine fails later only because no image exists
         assert reply.body["machineError"]["reason"] == "ImageNotFound", reply.body
+    assert outside_snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("target", ["/etc", "/proc/self/root/etc", "{state}/tenants/victim"])
+def test_a_linked_source_path_is_refused(real_shim: RealShim, tmp_path: Path, target: str) -> None:
+    """spec.source.path itself (or a folder on the way) is a link: never followed."""
+    (tmp_path / "state/tenants/victim/data").mkdir(parents=True)
+    repo = TenantRepo(tmp_path / "served", "evil.git")
+    repo.commit({"hosts": Link(target.format(state=tmp_path / "state"))})
+    before = outside_snapshot(tmp_path)
+    source = {"url": repo.file_url(), "ref": {"branch": "main"}, "path": "hosts/data"}
+    reply = real_shim.client.request("PUT", "/v1/machines/web", machine_spec(source=source))
+    assert reply.status == 200, reply.body
+    assert reply.body["sourceError"]["reason"] == "InvalidRevision", reply.body
+    assert "'hosts' is a symlink" in reply.body["sourceError"]["message"], reply.body
     assert outside_snapshot(tmp_path) == before
 
 
