@@ -24,14 +24,18 @@ def checked_name(name: str) -> str:
 
 
 @dataclass(frozen=True)
-class TenantPaths:
-    """One tenant's directories. State survives reboots; runtime is per boot."""
+class _NamedPaths:
+    """Paths of one named thing; the name is checked before any path is built from it."""
 
     config: ShimConfig
     name: str
 
     def __post_init__(self) -> None:
         checked_name(self.name)
+
+
+class TenantPaths(_NamedPaths):
+    """One tenant's directories. State survives reboots; runtime is per boot."""
 
     @property
     def root(self) -> Path:
@@ -77,13 +81,8 @@ class TenantPaths:
         return self.config.runtime_dir / "machines" / self.name
 
 
-@dataclass(frozen=True)
-class ImagePaths:
-    config: ShimConfig
-    name: str
-
-    def __post_init__(self) -> None:
-        checked_name(self.name)
+class ImagePaths(_NamedPaths):
+    """One base image: its unpacked root and its metadata."""
 
     @property
     def root(self) -> Path:
