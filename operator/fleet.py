@@ -19,8 +19,9 @@ import pygit2
 import yaml
 from pydantic import ValidationError
 
-from bitbuilder.hostshim.api import GitCredentials
+from bitbuilder.hostshim.api import GitCredentials, VerifySpec
 from bitbuilder.operator.api import API_VERSION, KIND, Tenant
+from bitbuilder.operator.fleetverify import Unverified, verify_commit
 
 KUSTOMIZATIONS = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -189,6 +190,7 @@ class GitFleet:
         workdir: Path,
         path: str = "",
         credentials: GitCredentials | None = None,
+        verify: VerifySpec | None = None,
     ) -> None:
         if credentials is not None and credentials.password is None:
             # pygit2 cannot check an ssh host key against known_hosts: refuse rather than trust
@@ -198,6 +200,7 @@ class GitFleet:
         self.path = path
         self.workdir = workdir
         self.credentials = credentials
+        self.verify = verify
         self._repo: pygit2.Repository | None = None
 
     def _repository(self) -> pygit2.Repository:
@@ -236,8 +239,13 @@ class GitFleet:
         """The fleet at `revision` (a commit the caller got from head()) or at the head."""
         commit = revision or self.head()
         tree_dir = self.workdir / "trees" / commit
+        self._fetch(commit)
+        if self.verify is not None:  # every time: the trusted keys may have changed
+            try:
+                verify_commit(Path(self._repository().path), commit, self.verify)
+            except Unverified as exc:
+                raise FleetError(f"fleet repo {self.url}: {exc}") from exc
         if not tree_dir.is_dir():
-            self._fetch(commit)
             self._materialise(commit, tree_dir)
         return read_fleet(tree_dir, commit, self.path)
 
@@ -289,8 +297,11 @@ def open_fleet(
     branch: str = "main",
     path: str = "",
     credentials: GitCredentials | None = None,
+    verify: VerifySpec | None = None,
 ) -> Fleet:
-    """A folder path (absolute or relative) or a git URL."""
+    """A folder path (absolute or relative) or a git URL. Signatures need a git URL."""
     if "://" in location or location.endswith(".git") or "@" in location.split("/")[0]:
-        return GitFleet(location, branch, workdir, path, credentials)
+        return GitFleet(location, branch, workdir, path, credentials, verify)
+    if verify is not None:
+        raise FleetError("a plain folder has no signatures to verify: use a git URL")
     return FolderFleet(Path(location).resolve(), path)

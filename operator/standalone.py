@@ -46,6 +46,7 @@ from bitbuilder.operator.translate import (
     SecretResolver,
     TranslateError,
     credentials_from_secret,
+    verify_from_secret,
 )
 from bitbuilder.operator.webhook import WebhookError, same_repo, start_webhook
 
@@ -265,12 +266,19 @@ async def run_standalone(args: argparse.Namespace, stop: asyncio.Event) -> None:
 
 async def _run_locked(args: argparse.Namespace, state: LocalState, stop: asyncio.Event) -> None:
     secrets = FileSecrets(args.secrets_dir)
-    credentials = None
+    credentials = verify = None
     if args.fleet_secret:
         data = await secrets.read(args.fleet_secret)
         credentials = credentials_from_secret(data, args.fleet_secret)
+    if args.fleet_verify:
+        verify = verify_from_secret(await secrets.read(args.fleet_verify), args.fleet_verify)
     fleet = open_fleet(
-        args.fleet, args.state_dir / "fleet", args.fleet_branch, args.fleet_path, credentials
+        args.fleet,
+        args.state_dir / "fleet",
+        args.fleet_branch,
+        args.fleet_path,
+        credentials,
+        verify,
     )
     node = Node(args.node, parse_labels(args.node_label))
     async with ShimClient(args.socket) as shim:
@@ -334,6 +342,11 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("--secrets-dir", type=Path, help="secretRefs: <dir>/<name>/<key> files")
     parser.add_argument(
         "--fleet-secret", metavar="NAME", help="https credentials for the fleet repo (a secret)"
+    )
+    parser.add_argument(
+        "--fleet-verify",
+        metavar="NAME",
+        help="only fleet commits signed by the keys in this secret ('*.pub', '*.asc')",
     )
     parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="host shim socket")
     parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)

@@ -9,11 +9,11 @@ import pytest
 import yaml
 from pydantic import SecretStr
 
-from bitbuilder.hostshim.api import GitCredentials
+from bitbuilder.hostshim.api import GitCredentials, VerifySpec
 from bitbuilder.operator.cli import main
 from bitbuilder.operator.fleet import FleetError, FolderFleet, GitFleet, open_fleet, read_fleet
 from bitbuilder.operator.localstate import LocalState
-from tests.helpers.gitserve import TenantRepo, http_server
+from tests.helpers.gitserve import TenantRepo, gpg_signer, http_server, ssh_signer
 from tests.operator_core.conftest import tenant_object
 
 
@@ -182,3 +182,39 @@ def test_one_reconciler_per_state_dir(tmp_path: Path, caplog: pytest.LogCaptureF
         assert main(argv) == 2
         assert "another `bitbuilder run` uses" in caplog.text
     state.lock().close()  # free again once the holder is gone
+
+
+def test_signed_fleet_ssh(tmp_path: Path) -> None:
+    trusted, other = ssh_signer(tmp_path / "k1", "ops"), ssh_signer(tmp_path / "k2", "mallory")
+    repo = TenantRepo(tmp_path / "git", "fleet.git")
+    signed = repo.commit({"a.yaml": yaml.safe_dump(tenant_object("a"))}, "ok", signer=trusted)
+    verify = VerifySpec(ssh_keys=[trusted.public_key])
+    fleet = GitFleet(repo.file_url(), "main", tmp_path / "w", verify=verify)
+    assert fleet.snapshot().revision == signed
+    unsigned = repo.commit({"b.yaml": yaml.safe_dump(tenant_object("b"))}, "unsigned")
+    with pytest.raises(FleetError, match=f"commit {unsigned} is not signed by a trusted key"):
+        fleet.snapshot()
+    repo.commit({"c.yaml": yaml.safe_dump(tenant_object("c"))}, "evil", signer=other)
+    with pytest.raises(FleetError, match="not signed by a trusted key"):
+        fleet.snapshot()
+    assert [p.name for p in (tmp_path / "w" / "trees").iterdir()] == [signed]  # never materialised
+
+
+def test_signed_fleet_openpgp(tmp_path: Path) -> None:
+    with gpg_signer("Ops") as trusted:
+        repo = TenantRepo(tmp_path / "git", "fleet.git")
+        signed = repo.commit({"a.yaml": yaml.safe_dump(tenant_object("a"))}, "ok", signer=trusted)
+    fleet = GitFleet(
+        repo.file_url(), "main", tmp_path / "w", verify=VerifySpec(gpg_keys=[trusted.public_key])
+    )
+    assert list(fleet.snapshot().tenants) == ["a"] and fleet.snapshot().revision == signed
+    repo.commit({"b.yaml": yaml.safe_dump(tenant_object("b"))}, "unsigned")
+    with pytest.raises(FleetError, match="not signed by a trusted key"):
+        fleet.snapshot()
+
+
+def test_a_folder_cannot_be_verified(tmp_path: Path) -> None:
+    with pytest.raises(FleetError, match="no signatures"):
+        open_fleet(
+            str(tmp_path), tmp_path / "w", verify=VerifySpec(ssh_keys=["ssh-ed25519 AAAA x"])
+        )

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from bitbuilder.hostshim.api import MachineSpec
-from bitbuilder.operator.fleet import FleetSnapshot, FolderFleet
+from bitbuilder.hostshim.api import MachineSpec, VerifySpec
+from bitbuilder.operator.fleet import FleetSnapshot, FolderFleet, GitFleet
 from bitbuilder.operator.get import render
 from bitbuilder.operator.localstate import LocalState, utcnow
 from bitbuilder.operator.reconcile import Node
@@ -21,6 +21,7 @@ from bitbuilder.operator.status import find_condition
 from bitbuilder.operator.translate import FileSecrets
 from bitbuilder.operator.webhook import same_repo
 from tests.helpers.fakeshim import FakeShim, running_fake_shim
+from tests.helpers.gitserve import TenantRepo, ssh_signer
 from tests.operator_core.conftest import SHA_A, SHA_B, tenant_object
 
 
@@ -264,6 +265,38 @@ def test_an_unchanged_fleet_is_not_read_again(tmp_path: Path) -> None:
             write_tenant(tmp_path / "fleet", "b")
             second = await d.refresh_fleet()
             assert second is not None and sorted(second.tenants) == ["a", "b"] and fleet.reads == 2
+            for task in d.workers.values():
+                task.cancel()
+            await asyncio.gather(*d.workers.values(), return_exceptions=True)
+
+    run(body)
+
+
+def test_an_unsigned_fleet_commit_changes_nothing(tmp_path: Path) -> None:
+    signer = ssh_signer(tmp_path / "keys", "ops")
+    repo = TenantRepo(tmp_path / "git", "fleet.git")
+    repo.commit({"a.yaml": yaml.safe_dump(tenant_object("a"))}, "a", signer=signer)
+    fleet = GitFleet(
+        repo.file_url(), "main", tmp_path / "w", verify=VerifySpec(ssh_keys=[signer.public_key])
+    )
+    state = LocalState(tmp_path / "state")
+
+    async def body() -> None:
+        async with (
+            running_fake_shim(tmp_path / "shim.sock") as fake,
+            ShimClient(fake.socket) as shim,
+        ):
+            fake.heads["a"] = SHA_A
+            d = Standalone(fleet, shim, FileSecrets(None), Node("n1"), state, 3600)
+            await d.refresh_fleet()
+            await until(lambda: phase(state, "a") == "Running", "a running")
+            repo.remove("a.yaml")
+            repo.commit({"b.yaml": yaml.safe_dump(tenant_object("b"))}, "unsigned: a out, b in")
+            assert await d.refresh_fleet() is None
+            record = state.load_fleet()
+            assert record is not None and record.error is not None
+            assert "not signed by a trusted key" in record.error
+            assert list(d.desired) == ["a"] and "a" in fake.machines and "b" not in fake.specs
             for task in d.workers.values():
                 task.cancel()
             await asyncio.gather(*d.workers.values(), return_exceptions=True)
