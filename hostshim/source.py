@@ -12,6 +12,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Collection
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from urllib.parse import unquote, urlsplit
 import pygit2
 
 from bitbuilder.hostshim import checkout, credentials, extrelease, safepath, signing
-from bitbuilder.hostshim.api import GitRef, MachineSpec, SourceSpec
+from bitbuilder.hostshim.api import GitCredentials, GitRef, MachineSpec, SourceSpec
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import SourceError
 from bitbuilder.hostshim.layout import Layout, load_layout
@@ -33,9 +34,11 @@ T = TypeVar("T")
 
 CONNECT_TIMEOUT_MS = 5_000  # TCP connect; an unreachable host fails in seconds, not minutes
 IO_TIMEOUT_MS = 30_000  # a server that stalls mid-conversation
-# One fetch may bring at most this much (the checkout itself is limited by the layout): a
-# hostile remote must not fill the host's state disk.
+# One fetch may bring at most this much (the checkout itself is limited by the layout), in at
+# most this time: a hostile remote must not fill the host's state disk, nor hold one of the
+# shim's workers for ever by sending a byte just before each read times out.
 MAX_FETCH_BYTES = 1 << 30
+MAX_FETCH_SECONDS = 600.0
 ORIGIN_BRANCH = "refs/remotes/origin/"
 URL_KEY = "bitbuilder.url"  # the remote this repository mirrors
 ALL_REFS = ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"]
@@ -71,10 +74,27 @@ class SourceTooLarge(SourceError):
     reason = "SourceTooLarge"
 
 
+class SourceTooSlow(SourceError):
+    reason = "SourceTooSlow"
+
+
 class _Callbacks(credentials.Callbacks):
-    """The tenant's credentials, and the fetch aborted once it exceeds MAX_FETCH_BYTES."""
+    """The tenant's credentials; a fetch past MAX_FETCH_BYTES or MAX_FETCH_SECONDS is aborted
+    (libgit2 calls these as the server's data and messages arrive)."""
+
+    def __init__(self, creds: GitCredentials | None, user: str) -> None:
+        super().__init__(creds, user)
+        self._deadline = time.monotonic() + MAX_FETCH_SECONDS
+
+    def _in_time(self) -> None:
+        if time.monotonic() > self._deadline:
+            raise SourceTooSlow(f"the fetch took longer than {MAX_FETCH_SECONDS:g} s; aborted")
+
+    def sideband_progress(self, string: str) -> None:
+        self._in_time()
 
     def transfer_progress(self, stats: pygit2.remotes.TransferProgress) -> None:
+        self._in_time()
         if stats.received_bytes > MAX_FETCH_BYTES:
             raise SourceTooLarge(f"the fetch exceeds {MAX_FETCH_BYTES / 2**20:g} MiB; aborted")
 

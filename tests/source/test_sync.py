@@ -255,6 +255,17 @@ def test_a_fetch_over_the_size_limit_is_aborted(
     assert not paths.revisions.exists()
 
 
+def test_a_fetch_past_its_deadline_is_aborted(
+    repo: TenantRepo, served: Path, paths: TenantPaths, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """However slowly a server sends, one fetch ends by MAX_FETCH_SECONDS."""
+    monkeypatch.setattr(source_module, "MAX_FETCH_SECONDS", 0.0)
+    repo.commit(BASIC_LAYOUT)
+    for remote in serve("http", repo, served):
+        error = reason_of(GitSource(paths, paths.config), remote.spec())
+        assert error.reason == "SourceTooSlow" and "longer than 0 s" in error.message, error
+
+
 def test_corrupt_local_objects_are_recovered_by_recloning(
     file_remote: Remote,
     repo: TenantRepo,
