@@ -9,6 +9,7 @@ by re-addressing the machine's own link.
 from __future__ import annotations
 
 import ipaddress
+import stat
 from pathlib import Path
 
 import pytest
@@ -165,6 +166,7 @@ def test_console_flood_neither_fills_the_runtime_dir_nor_blocks(
     flood = "i=0; while [ $i -lt 4 ]; do cat /bin/busybox > /dev/console; i=$((i+1)); done"
     assert shim.run_in(machine, "sh", "-c", flood, timeout=60).returncode == 0
     assert log.stat().st_size == 64 << 10, "the first bytes are kept, the rest dropped"
+    assert stat.S_IMODE(log.stat().st_mode) == 0o600, "the console log is private"
     assert shim.runner.inspect(machine.name) == machine, "the machine runs on"
     echo = shim.run_in(machine, "sh", "-c", "echo still-talking > /dev/console", timeout=10)
     assert echo.returncode == 0, "its console is still read"
