@@ -66,20 +66,29 @@ def observed(state: LocalState, name: str) -> int | None:
     return None if record is None or record.status is None else record.status.observed_generation
 
 
+def fleet_of(tmp_path: Path, *names: str) -> Path:
+    fleet = tmp_path / "fleet"
+    fleet.mkdir()
+    for name in names:
+        write_tenant(fleet, name)
+    return fleet
+
+
+async def all_running(fake: FakeShim, state: LocalState, *names: str) -> None:
+    fake.heads.update(dict.fromkeys(names, SHA_A))
+    await until(lambda: all(phase(state, n) == "Running" for n in names), f"{names} running")
+
+
 def run(body: Callable[[], Coroutine[object, object, None]]) -> None:
     asyncio.run(body())
 
 
 def test_fleet_lifecycle(tmp_path: Path) -> None:
-    fleet = tmp_path / "fleet"
-    fleet.mkdir()
-    write_tenant(fleet, "a")
-    write_tenant(fleet, "b")
+    fleet = fleet_of(tmp_path, "a", "b")
 
     async def body() -> None:
         async with driver(tmp_path) as (d, fake, state):
-            fake.heads.update(a=SHA_A, b=SHA_A)
-            await until(lambda: phase(state, "a") == phase(state, "b") == "Running", "both running")
+            await all_running(fake, state, "a", "b")
             table = render(state.records(), "table", utcnow())
             assert table.split("\n")[0].split() == [
                 "NAME",
@@ -122,15 +131,11 @@ def test_fleet_lifecycle(tmp_path: Path) -> None:
 
 
 def test_broken_manifest_keeps_others_and_its_own_machine(tmp_path: Path) -> None:
-    fleet = tmp_path / "fleet"
-    fleet.mkdir()
-    write_tenant(fleet, "a")
-    write_tenant(fleet, "b")
+    fleet = fleet_of(tmp_path, "a", "b")
 
     async def body() -> None:
         async with driver(tmp_path) as (d, fake, state):
-            fake.heads.update(a=SHA_A, b=SHA_A)
-            await until(lambda: phase(state, "a") == phase(state, "b") == "Running", "both running")
+            await all_running(fake, state, "a", "b")
             write_tenant(fleet, "b", resources={"cpu": "lots"})
             snapshot = await d.refresh_fleet()
             assert snapshot is not None and [p.name for p in snapshot.problems] == ["b"]
