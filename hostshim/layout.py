@@ -235,6 +235,8 @@ class _Checker:
             data = yaml.safe_load(self._read(rel, MAX_MANIFEST_BYTES))
         except yaml.YAMLError as exc:
             raise LayoutError(f"{shown}: not valid YAML ({exc})") from exc
+        except RecursionError:  # PyYAML builds nested collections recursively
+            raise LayoutError(f"{shown}: nested too deeply") from None
         if data is None:
             return RepoSettings()
         if not isinstance(data, dict):

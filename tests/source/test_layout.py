@@ -210,6 +210,12 @@ def test_symlinked_folders_are_refused(tmp_path: Path, secret: Path) -> None:
     assert "sub" in error_for(tree, spec(path="sub"))
 
 
+@pytest.mark.parametrize("manifest", ["[" * 30000, "hostname: " + "{a: " * 20000, "- " * 20000])
+def test_deeply_nested_manifest_is_refused_naming_it(tree: Path, manifest: str) -> None:
+    build(tree, {"machine.yaml": manifest})
+    assert error_for(tree).startswith("machine.yaml: ")
+
+
 @pytest.mark.timeout(30)
 def test_fifo_behind_a_symlink_is_never_opened(tree: Path, tmp_path: Path) -> None:
     """Opening a FIFO blocks: a followed link would hang here instead of failing."""
