@@ -6,9 +6,11 @@ PID 1 runs a small web server (port 8080, serving /srv/www) from /etc/inittab.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 BUSYBOX_CANDIDATES = (Path("/bin/busybox"), Path("/usr/bin/busybox"))
@@ -77,3 +79,21 @@ def build_busybox_rootfs(dest: Path, busybox: Path | None = None) -> Path:
     (tmp / "tmp").chmod(0o1777)
     tmp.rename(dest)
     return dest
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`bitbuilder-hostshim-mkimage DEST`: a minimal base image to import with PUT /v1/images."""
+    parser = argparse.ArgumentParser(
+        prog="bitbuilder-hostshim-mkimage",
+        description="Build a small busybox root filesystem (busybox init, httpd on :8080).",
+    )
+    parser.add_argument("dest", type=Path, help="folder to create (must not exist)")
+    args = parser.parse_args(argv)
+    if args.dest.exists():
+        parser.error(f"{args.dest} exists already")
+    try:
+        build_busybox_rootfs(args.dest)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        print(f"bitbuilder-hostshim-mkimage: {exc}", file=sys.stderr)
+        return 1
+    return 0

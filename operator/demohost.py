@@ -24,13 +24,6 @@ GIT_ENV = {
     "GIT_COMMITTER_EMAIL": "demo@bitbuilder.invalid",
     "GIT_CONFIG_NOSYSTEM": "1",
 }
-# Run in a child interpreter: the operator side imports nothing of the shim but its API.
-BUSYBOX_BUILDER = (
-    "import sys, pathlib\n"
-    "from bitbuilder.hostshim.busybox import build_busybox_rootfs\n"
-    "build_busybox_rootfs(pathlib.Path(sys.argv[1]))\n"
-)
-
 
 CHILDREN = "children.json"
 
@@ -201,4 +194,5 @@ def start_git_daemon(procs: Processes, served: Path) -> int:
 
 
 def build_base_image(dest: Path) -> None:
-    subprocess.run([sys.executable, "-c", BUSYBOX_BUILDER, str(dest)], check=True)
+    # The shim's own tool: the operator side imports nothing of the shim but its API.
+    subprocess.run([tool("bitbuilder-hostshim-mkimage"), str(dest)], check=True)
