@@ -8,6 +8,7 @@ hostile tree can neither escape the directory nor fill the disk.
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path, PurePosixPath
 
@@ -19,6 +20,9 @@ from bitbuilder.hostshim.errors import LayoutError
 from bitbuilder.hostshim.layout import MAX_ENTRIES, MAX_TREE_BYTES
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+# What a crafted tree can make the filesystem refuse: a name or link target too long, an
+# empty link target. Anything else (disk full, ...) is the host's problem.
+_ENTRY_ERRORS = (errno.ENAMETOOLONG, errno.ENOENT, errno.EINVAL)
 
 
 class _Budget:
@@ -54,24 +58,38 @@ def _write(
         if name in seen:  # only a crafted tree object has this; git itself never writes one
             raise LayoutError(f"{rel}: the git tree names this entry twice")
         seen.add(name)
-        mode = entry.filemode
-        if mode == FileMode.COMMIT:  # a submodule: git leaves an empty directory too
-            budget.spend(rel, 0)
-            os.mkdir(name, 0o755, dir_fd=fd)
-        elif isinstance(entry, pygit2.Tree):
-            budget.spend(rel, 0)
-            os.mkdir(name, 0o755, dir_fd=fd)
-            with safepath.fd_closing(os.open(name, safepath.DIR_FLAGS, dir_fd=fd)) as sub:
-                _write(repo, entry, sub, rel, budget)
-        elif isinstance(entry, pygit2.Blob):
-            budget.spend(rel, repo.odb.read_header(entry.id)[1])
-            if mode == FileMode.LINK:
-                os.symlink(os.fsdecode(entry.data), name, dir_fd=fd)
-            else:
-                executable = mode == FileMode.BLOB_EXECUTABLE
-                _write_file(fd, name, entry.data, 0o755 if executable else 0o644)
+        try:
+            _create(repo, entry, fd, rel, budget)
+        except ValueError as exc:  # a NUL in a link target
+            raise LayoutError(f"{rel!s:.300}: cannot be checked out ({exc})") from exc
+        except OSError as exc:
+            if exc.errno not in _ENTRY_ERRORS:
+                raise  # the host's problem (disk full, ...), not the revision's
+            raise LayoutError(f"{rel!s:.300}: cannot be checked out ({exc.strerror})") from exc
+
+
+def _create(
+    repo: pygit2.Repository, entry: pygit2.Object, fd: int, rel: PurePosixPath, budget: _Budget
+) -> None:
+    name = rel.name
+    mode = entry.filemode
+    if mode == FileMode.COMMIT:  # a submodule: git leaves an empty directory too
+        budget.spend(rel, 0)
+        os.mkdir(name, 0o755, dir_fd=fd)
+    elif isinstance(entry, pygit2.Tree):
+        budget.spend(rel, 0)
+        os.mkdir(name, 0o755, dir_fd=fd)
+        with safepath.fd_closing(os.open(name, safepath.DIR_FLAGS, dir_fd=fd)) as sub:
+            _write(repo, entry, sub, rel, budget)
+    elif isinstance(entry, pygit2.Blob):
+        budget.spend(rel, repo.odb.read_header(entry.id)[1])
+        if mode == FileMode.LINK:
+            os.symlink(os.fsdecode(entry.data), name, dir_fd=fd)
         else:
-            raise LayoutError(f"{rel}: unexpected {entry.type_str} in the git tree")
+            executable = mode == FileMode.BLOB_EXECUTABLE
+            _write_file(fd, name, entry.data, 0o755 if executable else 0o644)
+    else:
+        raise LayoutError(f"{rel}: unexpected {entry.type_str} in the git tree")
 
 
 def _write_file(dir_fd: int, name: str, data: bytes, mode: int) -> None:

@@ -136,3 +136,27 @@ def test_crafted_git_tree_with_a_link_and_a_folder_of_one_name_is_a_layout_error
     with pytest.raises(LayoutError, match="confext: the git tree names this entry twice"):
         write_tree(repo, tree, tmp_path / "t")
     assert list((tmp_path / "host").iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("mode_and_name", "content", "named"),
+    [(b"120000 link", b"/etc\x00x", "link"),  # a NUL in a link target
+     (b"120000 link", b"", "link"),  # an empty link target
+     (b"120000 link", b"x" * 5000, "link"),  # longer than a path may be
+     (b"100644 " + b"n" * 300, b"x", "n" * 100),  # longer than a file name may be
+     (b"40000 " + b"d" * 256, None, "d" * 100)],
+)  # fmt: skip
+def test_crafted_git_entries_the_filesystem_refuses_are_layout_errors(
+    tmp_path: Path, mode_and_name: bytes, content: bytes | None, named: str
+) -> None:
+    """A LayoutError naming the entry (the revision is refused), not an internal error."""
+    repo = pygit2.init_repository(str(tmp_path / "r.git"), bare=True)
+    if content is None:
+        oid = repo.odb.write(ObjectType.TREE, b"100644 x\x00" + repo.create_blob(b"x").raw)
+    else:
+        oid = repo.create_blob(content)
+    tree = repo[repo.odb.write(ObjectType.TREE, mode_and_name + b"\x00" + oid.raw)]
+    assert isinstance(tree, pygit2.Tree)
+    with pytest.raises(LayoutError, match="cannot be checked out") as caught:
+        write_tree(repo, tree, tmp_path / "t")
+    assert caught.value.message.startswith(named)
