@@ -8,6 +8,7 @@ the tree, members below a symlink) and skips device nodes and fifos (nspawn brin
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -290,5 +291,9 @@ def unpack_tarball(tarball: Path, dest: Path) -> None:
         else:
             with tarfile.open(tarball, mode="r:*") as tar:
                 tar.extractall(dest, numeric_owner=True, filter=_MemberFilter())
-    except (tarfile.TarError, EOFError) as exc:
+    except (tarfile.TarError, EOFError, KeyError) as exc:  # KeyError: a link to no member
         raise _invalid(f"image tarball is not a valid tar archive: {exc}") from exc
+    except OSError as exc:
+        if exc.errno not in (errno.ENAMETOOLONG, errno.EINVAL):
+            raise  # the host's problem (disk full, ...), not the archive's
+        raise _invalid(f"image tarball has a member this host cannot create: {exc}") from exc

@@ -154,6 +154,21 @@ def test_traversal_in_tarballs_is_refused(
     assert store.list() == []
 
 
+@pytest.mark.parametrize(
+    "members",
+    [[add_link("hard", "no-such-member", tarfile.LNKTYPE)], [add_file("n" * 300)]],
+    ids=["hardlink-to-nothing", "name-too-long"],
+)
+def test_archives_the_host_cannot_unpack_are_invalid(
+    store: ImageStore, trusted: Path, members: list[Member]
+) -> None:
+    """ImageInvalid (a 4xx through the API), not an internal error."""
+    tarball = trusted / "odd.tar"
+    sha = make_tar(tarball, *members, mode="w")
+    assert reason(lambda: put_tar(store, tarball, sha)) == "ImageInvalid"
+    assert store.list() == []
+
+
 def test_device_nodes_are_skipped(store: ImageStore, trusted: Path) -> None:
     def device(tar: tarfile.TarFile) -> None:
         info = tarfile.TarInfo("dev/sda")
