@@ -397,6 +397,18 @@ class MachineManager:
         self.runner.stop(state.name)
         self.runner.start(applied.spec, checkout)
 
+    def _restart_applied(self, state: TenantState, phase: MachinePhase) -> bool:
+        """_start_applied showing `phase` meanwhile; a failure becomes the machineError."""
+        assert state.applied is not None
+        with self._phase(state.name, phase):
+            try:
+                self._start_applied(state)
+            except Exception as exc:
+                state.machine_error = self._error(exc, state.applied.revision)
+                return False
+            state.machine_error = None
+            return True
+
     def _applied_checkout(self, state: TenantState) -> Checkout | None:
         applied = state.applied
         assert applied is not None
@@ -522,12 +534,7 @@ class MachineManager:
                 self._save(state)
                 self._reconcile_and_save(state)
                 return self._status(state)
-            with self._phase(name, MachinePhase.starting):
-                try:
-                    self._start_applied(state)
-                    state.machine_error = None
-                except Exception as exc:
-                    state.machine_error = self._error(exc, state.applied.revision)
+            self._restart_applied(state, MachinePhase.starting)
             self._save(state)
             return self._status(state)
 
@@ -569,19 +576,15 @@ class MachineManager:
             return True
         if running:
             return False
-        with self._phase(state.name, MachinePhase.starting):
-            try:
-                self._start_applied(state)
-            except Exception as exc:
-                state.machine_error = self._error(exc, applied.revision)
-                self._record_drift(
-                    state,
-                    "MachineRestartFailed",
-                    f"machine was not running; restarting it failed: {state.machine_error.message}",
-                )
-                return True
-        state.machine_error = None
-        self._record_drift(state, "MachineRestarted", "machine was not running; restarted")
+        if self._restart_applied(state, MachinePhase.starting):
+            self._record_drift(state, "MachineRestarted", "machine was not running; restarted")
+        else:
+            assert state.machine_error is not None
+            self._record_drift(
+                state,
+                "MachineRestartFailed",
+                f"machine was not running; restarting it failed: {state.machine_error.message}",
+            )
         return True
 
     def _tree_changes(self, state: TenantState) -> list[str]:
@@ -600,12 +603,7 @@ class MachineManager:
         aside = paths.revisions / f".tampered-{state.applied.commit}-{uuid.uuid4().hex[:8]}"
         if tree.is_dir():
             os.rename(tree, aside)
-        with self._phase(state.name, MachinePhase.updating):
-            try:
-                self._start_applied(state)
-                state.machine_error = None
-            except Exception as exc:
-                state.machine_error = self._error(exc, state.applied.revision)
+        self._restart_applied(state, MachinePhase.updating)
         try:
             remove_tree(aside)
         except ShimError as exc:
