@@ -23,6 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
+from bitbuilder.operator.demohost import free_port
 from tests.helpers.wait import wait_for
 
 GIT_ENV = {
@@ -49,12 +50,6 @@ def git(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) 
     if proc.returncode != 0:
         raise RuntimeError(f"git {' '.join(args)} failed: {proc.stderr.strip()}")
     return proc.stdout.strip()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def closed_port() -> int:

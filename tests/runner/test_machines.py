@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import socket
 import subprocess
 import urllib.request
 import uuid
@@ -21,6 +20,7 @@ from bitbuilder.hostshim.network import link_name
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.runner import RunningMachine
 from bitbuilder.hostshim.source import Checkout
+from bitbuilder.operator.demohost import free_port
 from tests.helpers.treesnap import tree_snapshot
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, assert_gone, needs_nspawn, unique_name
@@ -206,12 +206,6 @@ def test_start_twice_is_refused(shim: Shim) -> None:
         shim.start(machine.name)
     assert again.value.reason == "AlreadyRunning"
     assert shim.runner.inspect(machine.name) == machine
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_port_forward_from_host_loopback(shim: Shim) -> None:
