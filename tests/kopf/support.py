@@ -60,6 +60,12 @@ def status_where(kube: Kube, name: str, **wanted: Any) -> dict[str, Any] | None:
     return obj if all(status.get(k) == v for k, v in wanted.items()) else None
 
 
+def stalled_tenant(kube: Kube, name: str) -> dict[str, Any] | None:
+    """The Tenant while its Stalled condition is True."""
+    obj = kube.get(f"{TENANTS}/{name}")
+    return obj if condition(obj, "Stalled").get("status") == "True" else None
+
+
 def event_reasons(kube: Kube, name: str) -> set[str]:
     events = kube.ok("GET", "/api/v1/namespaces/default/events")["items"]
     return {e["reason"] for e in events if e["involvedObject"]["name"] == name}

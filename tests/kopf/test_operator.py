@@ -6,7 +6,7 @@ import base64
 from datetime import UTC, datetime
 
 from bitbuilder.hostshim.api import ErrorInfo
-from bitbuilder.operator.api import FINALIZER, OPERATOR_NAMESPACE, RECONCILE_REQUESTED_ANNOTATION
+from bitbuilder.operator.api import FINALIZER, OPERATOR_NAMESPACE
 from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.wait import wait_for
@@ -19,6 +19,8 @@ from tests.kopf.support import (
     condition,
     event_reasons,
     operator_thread,
+    request_sync,
+    stalled_tenant,
     status_where,
     tenant,
 )
@@ -56,8 +58,7 @@ def test_apply_runs_then_follows_spec_commits_and_problems(
 
         # A new commit, picked up at once through the annotation.
         shim.fake.heads["web"] = SHA_B
-        request = {"metadata": {"annotations": {RECONCILE_REQUESTED_ANNOTATION: "1"}}}
-        kube.merge(f"{TENANTS}/web", request)
+        request_sync(kube, "web", "1")
         wait_for(
             lambda: status_where(kube, "web", appliedRevision=f"main@sha1:{SHA_B}"),
             what="revision B applied",
@@ -69,13 +70,9 @@ def test_apply_runs_then_follows_spec_commits_and_problems(
             message="units/evil.service: not a unit file",
             at=datetime.now(UTC),
         )
-        request["metadata"]["annotations"][RECONCILE_REQUESTED_ANNOTATION] = "2"
-        kube.merge(f"{TENANTS}/web", request)
+        request_sync(kube, "web", "2")
         stalled = wait_for(
-            lambda: (
-                condition(kube.get(f"{TENANTS}/web"), "Stalled").get("status") == "True"
-                and kube.get(f"{TENANTS}/web")
-            ),
+            lambda: stalled_tenant(kube, "web"),
             what="web Stalled",
         )
         assert "units/evil.service" in condition(stalled, "Stalled")["message"]
@@ -128,10 +125,7 @@ def test_secret_refs_are_read_from_the_operator_namespace(
         body["spec"]["source"]["secretRef"] = {"name": "git"}
         kube.ok("POST", TENANTS, body)
         stalled = wait_for(
-            lambda: (
-                condition(kube.get(f"{TENANTS}/web"), "Stalled").get("status") == "True"
-                and kube.get(f"{TENANTS}/web")
-            ),
+            lambda: stalled_tenant(kube, "web"),
             what="web Stalled without its secret",
         )
         assert condition(stalled, "Stalled")["reason"] == "SecretNotFound"
@@ -142,8 +136,7 @@ def test_secret_refs_are_read_from_the_operator_namespace(
             "data": {"username": b64("bob"), "password": b64("s3cret")},
         }
         kube.ok("POST", f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/secrets", secret)
-        request = {"metadata": {"annotations": {RECONCILE_REQUESTED_ANNOTATION: "now"}}}
-        kube.merge(f"{TENANTS}/web", request)
+        request_sync(kube, "web", "now")
         wait_for(lambda: status_where(kube, "web", phase="Running"), what="web Running")
         credentials = shim.fake.specs["web"].source
         assert credentials is not None and credentials.credentials is not None

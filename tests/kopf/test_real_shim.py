@@ -17,6 +17,7 @@ from tests.kopf.support import (
     phases_since,
     request_sync,
     run_e2e,
+    stalled_tenant,
     status_where,
 )
 from tests.standalone.conftest import REAL_HOST, Host, motd, tenant_manifest
@@ -61,10 +62,7 @@ def test_apply_update_break_and_delete_a_real_machine(
         repo.commit({"machine.yaml": "hostname: [unclosed\n"}, "broken")
         request_sync(kube, "web", "2")
         stalled = wait_for(
-            lambda: (
-                condition(kube.get(f"{TENANTS}/web"), "Stalled").get("status") == "True"
-                and kube.get(f"{TENANTS}/web")
-            ),
+            lambda: stalled_tenant(kube, "web"),
             timeout=60,
             what="web Stalled",
         )
