@@ -8,7 +8,6 @@ process, mount, cgroup, link or filter table behind.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -27,19 +26,11 @@ from bitbuilder.hostshim.images import ImageStore
 from bitbuilder.hostshim.network import link_name
 from bitbuilder.hostshim.runner import Runner, RunningMachine
 from bitbuilder.hostshim.source import Checkout
+from tests.helpers.needs import needs_root_and
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
 
-MISSING = [
-    what
-    for what, ok in (
-        ("root", os.geteuid() == 0),
-        ("systemd-nspawn", shutil.which("systemd-nspawn") is not None),
-        ("nft", shutil.which("nft") is not None),
-    )
-    if not ok
-]
-needs_nspawn = pytest.mark.skipif(bool(MISSING), reason="needs " + ", ".join(MISSING))
+needs_nspawn = needs_root_and("systemd-nspawn", "nft")
 
 
 def unique_name(prefix: str = "cr") -> str:

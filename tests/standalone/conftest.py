@@ -6,7 +6,6 @@ is removed by the fixture, even when the test fails."""
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import subprocess
 import sys
@@ -23,23 +22,12 @@ from bitbuilder.operator.localstate import LocalState
 from bitbuilder.operator.shimclient import ShimClient
 from bitbuilder.operator.status import find_condition
 from tests.helpers.gitserve import Content, Server, TenantRepo, git_daemon
+from tests.helpers.needs import needs_root_and
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
 
-MISSING = [
-    what
-    for what, ok in (
-        ("root", os.geteuid() == 0),
-        ("systemd-nspawn", shutil.which("systemd-nspawn") is not None),
-        ("git", shutil.which("git") is not None),
-    )
-    if not ok
-]
 # Each test module sets `pytestmark = REAL_HOST` (a conftest's pytestmark marks nothing).
-REAL_HOST = [
-    pytest.mark.nspawn,
-    pytest.mark.skipif(bool(MISSING), reason="needs " + ", ".join(MISSING)),
-]
+REAL_HOST = [pytest.mark.nspawn, needs_root_and("systemd-nspawn", "git")]
 BIN = Path(sys.executable).parent
 WEBHOOK_SECRET = b"standalone-test-webhook-secret"
 
