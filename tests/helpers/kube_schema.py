@@ -17,6 +17,7 @@ from typing import Any
 
 import jsonschema
 
+from bitbuilder.operator.get import human_age
 from tests.helpers.cel_rules import cel_violations
 
 Obj = dict[str, Any]
@@ -225,29 +226,10 @@ def _cell(column: Obj, value: Any) -> Any:
             then = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
         except ValueError:
             return str(value)
-        return human_duration((datetime.now(UTC) - then).total_seconds())
+        return human_age((datetime.now(UTC) - then).total_seconds())
     if column.get("type") in ("string", None) and not isinstance(value, str):
         return json.dumps(value)
     return value
-
-
-def human_duration(seconds: float) -> str:
-    """The short ages kubectl shows (k8s.io/apimachinery/pkg/util/duration)."""
-    s = max(0, int(seconds))
-    m, h, d = s // 60, s // 3600, s // 86400
-    if s < 120:
-        return f"{s}s"
-    if m < 10:
-        return f"{m}m{s % 60}s" if s % 60 else f"{m}m"
-    if m < 180:
-        return f"{m}m"
-    if h < 8:
-        return f"{h}h{m % 60}m" if m % 60 else f"{h}h"
-    if h < 48:
-        return f"{h}h"
-    if h < 192:
-        return f"{d}d{h % 24}h" if h % 24 else f"{d}d"
-    return f"{d}d" if d < 730 else f"{d // 365}y"
 
 
 _STEP = re.compile(
