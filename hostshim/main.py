@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import fcntl
 import logging
 import signal
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TextIO
 
 from bitbuilder.hostshim.config import (
     DEFAULT_RUNTIME_DIR,
@@ -94,6 +96,23 @@ def build_manager(config: ShimConfig) -> MachineManager:
     return MachineManager(config, runner, images, source_for, load_layout)
 
 
+def hold_dirs(config: ShimConfig) -> list[TextIO]:
+    """One shim per state dir and per runtime dir, held until this process exits: a second one
+    would adopt, stop and restart the first one's machines before it found the socket taken."""
+    held: list[TextIO] = []
+    for folder in (config.state_dir, config.runtime_dir):
+        handle = (folder / "hostshim.lock").open("a")  # not inherited: machines never hold it
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            for other in held:
+                other.close()
+            raise RuntimeError(f"another bitbuilder-hostshim uses {folder}") from None
+        held.append(handle)
+    return held
+
+
 async def _run(
     manager: MachineManager,
     config: ShimConfig,
@@ -119,6 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     # which allowed non-root callers must be able to reach.
     config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     config.runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    try:
+        held = hold_dirs(config)  # before anything touches a machine or a state
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        return 1
     manager = build_manager(config)
     manager.startup()
     try:
@@ -126,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:  # e.g. another shim serves the socket
         log.error("%s", exc)
         return 1
+    finally:
+        for handle in held:
+            handle.close()
     return 0
 
 

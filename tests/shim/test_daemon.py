@@ -11,6 +11,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -124,3 +125,23 @@ def test_tenant_outlives_the_shim_process(tmp_path: Path, busybox_rootfs: Path) 
             assert again["phase"] == "Running" and again["leaderPid"] == first["leaderPid"]
     finally:
         RealShim(config).stop_all()
+
+
+@pytest.mark.parametrize("shared", ["state_dir", "runtime_dir"])
+def test_a_second_daemon_on_the_same_dirs_refuses_to_start(tmp_path: Path, shared: str) -> None:
+    """A second shim would adopt (and stop) the first one's machines: it must not even start."""
+    (tmp_path / "first").mkdir()
+    (tmp_path / "second").mkdir()
+    config = real_config(tmp_path / "first")
+    other = real_config(tmp_path / "second")
+    other = replace(other, **{shared: getattr(config, shared)})
+    with daemon(config, tmp_path / "shim.log"):
+        second = subprocess.run(
+            [DAEMON, "--state-dir", str(other.state_dir), "--runtime-dir",
+             str(other.runtime_dir), "--socket", str(other.socket_path), "--executor", "direct"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert second.returncode == 1
+        assert f"another bitbuilder-hostshim uses {getattr(config, shared)}" in second.stderr
+        assert not other.socket_path.exists(), "the second shim served"
+        assert _healthy(ShimClient(str(config.socket_path)))
