@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
@@ -99,9 +100,10 @@ class FakeShim(ServedShim):
         )
 
 
-@pytest.fixture
-def fake_shim(tmp_path: Path) -> Iterator[FakeShim]:
-    shim = FakeShim(shim_config(tmp_path))
+@contextmanager
+def serving_fake_shim(root: Path, drift_interval: float | None = None) -> Iterator[FakeShim]:
+    """A FakeShim serving, with REPO_URL's main at c1 and the image `base`; stopped after."""
+    shim = FakeShim(shim_config(root), drift_interval)
     shim.remote.push(REPO_URL, "main", "c1")
     shim.images.put("base", ImageSpec(path="/srv/images/base"))
     shim.start()
@@ -109,6 +111,12 @@ def fake_shim(tmp_path: Path) -> Iterator[FakeShim]:
         yield shim
     finally:
         shim.stop()
+
+
+@pytest.fixture
+def fake_shim(tmp_path: Path) -> Iterator[FakeShim]:
+    with serving_fake_shim(tmp_path) as shim:
+        yield shim
 
 
 class RealShim(ServedShim):

@@ -6,10 +6,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from bitbuilder.hostshim.api import ImageSpec, MachineSpec, MachineStatus
+from bitbuilder.hostshim.api import MachineSpec, MachineStatus
 from bitbuilder.hostshim.state import Intent, StateStore, TenantState, machine_hash
 from tests.helpers.wait import wait_for
-from tests.shim.conftest import REPO_URL, FakeShim, machine_spec, shim_config
+from tests.shim.conftest import REPO_URL, FakeShim, machine_spec, serving_fake_shim
 from tests.shim.fakes import FakeSource, commit_id
 
 
@@ -154,11 +154,7 @@ def test_drift_reports_a_restart_that_fails(fake_shim: FakeShim) -> None:
 
 
 def test_the_server_checks_for_drift_on_its_own(tmp_path: Path) -> None:
-    shim = FakeShim(shim_config(tmp_path), drift_interval=0.05)
-    shim.remote.push(REPO_URL, "main", "c1")
-    shim.images.put("base", ImageSpec(path="/srv/images/base"))
-    shim.start()
-    try:
+    with serving_fake_shim(tmp_path, drift_interval=0.05) as shim:
         first = status(shim.client.put(machine_spec()).body)
         shim.runner.kill("web")
 
@@ -169,8 +165,6 @@ def test_the_server_checks_for_drift_on_its_own(tmp_path: Path) -> None:
         again = wait_for(corrected, what="the periodic drift check to restart the machine")
         assert again.last_drift is not None and again.last_drift.reason == "MachineRestarted"
         assert again.leader_pid not in (None, first.leader_pid)
-    finally:
-        shim.stop()
 
 
 def test_crash_after_the_new_machine_started_is_not_a_restart(fake_shim: FakeShim) -> None:
