@@ -13,6 +13,20 @@ from tests.standalone.conftest import BIN, REAL_HOST
 pytestmark = [*REAL_HOST, pytest.mark.slow]
 
 
+def pids_naming(folder: Path) -> list[str]:
+    """Processes whose command line names `folder`."""
+    found = subprocess.run(["pgrep", "-f", str(folder)], capture_output=True, text=True)
+    return found.stdout.split()
+
+
+def assert_nothing_left(work: Path) -> None:
+    """The demo's folder is gone, and no process or mount names it."""
+    assert not work.exists()
+    left = pids_naming(work)
+    assert left == [], f"processes left behind: {left}"
+    assert str(work) not in Path("/proc/mounts").read_text()
+
+
 def test_demo_runs_the_story_and_leaves_nothing(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     done = subprocess.run(
@@ -40,10 +54,7 @@ def test_demo_runs_the_story_and_leaves_nothing(tmp_path: Path) -> None:
     assert "update of demo-web running" in out and "rollback of demo-web running" in out
     assert f"{web3} has exactly the tree of {web1} (v1)" in out
     assert f"applied revisions of demo-web, newest first: {web3}, {web2}, {web1}" in out
-    assert not work.exists()  # cleaned up
-    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout
-    assert left == "", f"processes left behind: {left}"
-    assert str(work) not in Path("/proc/mounts").read_text()
+    assert_nothing_left(work)
 
 
 def test_demo_refuses_a_folder_that_holds_something(tmp_path: Path) -> None:
@@ -67,8 +78,7 @@ def test_kept_demo_keeps_running_until_cleaned(tmp_path: Path) -> None:
         )
         assert done.returncode == 0, done.stdout + done.stderr
         assert f"bitbuilder demo --clean {work}" in done.stdout
-        running = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True)
-        assert len(running.stdout.split()) >= 4  # git daemon, shim, reconciler, machines
+        assert len(pids_naming(work)) >= 4  # git daemon, shim, reconciler, machines
         table = subprocess.run(
             [*demo[:1], "get", "tenants", "--state-dir", str(work / "standalone")],
             capture_output=True, text=True, check=True,
@@ -79,10 +89,7 @@ def test_kept_demo_keeps_running_until_cleaned(tmp_path: Path) -> None:
             [*demo, "--clean", str(work)], capture_output=True, text=True, timeout=120
         )
     assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
-    assert not work.exists()
-    left = subprocess.run(["pgrep", "-f", str(work)], capture_output=True, text=True).stdout
-    assert left == "", f"processes left behind: {left}"
-    assert str(work) not in Path("/proc/mounts").read_text()
+    assert_nothing_left(work)
 
 
 def test_clean_refuses_a_folder_that_is_no_kept_demo(tmp_path: Path) -> None:
