@@ -32,6 +32,17 @@ from bitbuilder.hostshim.api import (
 )
 
 
+def image_status(name: str, spec: ImageSpec) -> ImageStatus:
+    """What a fake image import reports: the spec's digest and source, one byte, now."""
+    return ImageStatus(
+        name=name,
+        sha256=spec.sha256,
+        size_bytes=1,
+        imported_at=datetime.now(UTC),
+        source=spec.url or spec.path or "",
+    )
+
+
 @dataclass
 class FakeShim:
     socket: Path
@@ -120,13 +131,7 @@ def _app(fake: FakeShim) -> web.Application:
         name = request.match_info["name"]
         fake.requests.append(("PUT-IMAGE", name))
         spec = ImageSpec.model_validate(await request.json())
-        fake.images[name] = ImageStatus(
-            name=name,
-            sha256=spec.sha256,
-            size_bytes=1,
-            imported_at=datetime.now(UTC),
-            source=spec.url or spec.path or "",
-        )
+        fake.images[name] = image_status(name, spec)
         return _json(fake.images[name])
 
     async def list_images(request: web.Request) -> web.Response:

@@ -19,6 +19,7 @@ from bitbuilder.hostshim.errors import ImageError, LayoutError, MachineError, So
 from bitbuilder.hostshim.layout import Layout, RepoSettings
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.source import Checkout
+from tests.helpers.fakeshim import image_status
 
 
 def commit_id(label: str) -> str:
@@ -150,13 +151,7 @@ class FakeImages:
         self.images: dict[str, ImageStatus] = {}
 
     def put(self, name: str, spec: ImageSpec) -> ImageStatus:
-        status = ImageStatus(
-            name=name,
-            sha256=spec.sha256,
-            size_bytes=1,
-            imported_at=datetime.now(UTC),
-            source=spec.url or spec.path or "",
-        )
+        status = image_status(name, spec)
         self.images[name] = status
         return status
 
