@@ -39,7 +39,8 @@ _ENTER_CGROUPS = (
 # errors) go to the log file $2, the rest is read and dropped. A machine cannot fill the runtime
 # dir (a tmpfs) however much it prints, nor block on its console. The log is private (0600):
 # a machine may print secrets, and the runtime dir is open to the socket's group.
-_CONSOLE_READER = 'umask 077; head -c "$1" > "$2"; exec cat > /dev/null'
+# (stdbuf: head writes each read at once instead of holding it in a stdio buffer.)
+_CONSOLE_READER = 'umask 077; stdbuf -o0 head -c "$1" > "$2"; exec cat > /dev/null'
 CONSOLE_LOG_BYTES = 1 << 20
 
 # Newer systemd inside a machine refuses to boot on a host with v1 controllers without it.

@@ -150,9 +150,11 @@ class Runner:
         for d in (upper, work, root):
             d.mkdir(parents=True, exist_ok=True)
         # metacopy: nspawn's one-time chown into the picked uid range copies metadata only.
+        # nodev: a device node in the image (a directory import keeps them) must not open a
+        # host device; nspawn mounts the machine's own /dev.
         options = ",".join(
             [f"lowerdir={check_path(rootfs)}", f"upperdir={check_path(upper)}",
-             f"workdir={check_path(work)}", "metacopy=on", "redirect_dir=on"]
+             f"workdir={check_path(work)}", "metacopy=on", "redirect_dir=on", "nodev"]
         )  # fmt: skip
         result = subprocess.run(
             ["mount", "-t", "overlay", "overlay", "-o", options, str(root)],

@@ -109,9 +109,10 @@ def test_executor_launch_detaches_and_terminate_reaps(tmp_path: Path) -> None:
         assert os.getsid(pid) == pid, "own session: a shim's terminal or group kill misses it"
         cgroups = executor.cgroups("m2")
         assert cgroups is not None and pid in cgroups.pids()
+        # the output reaches the log through the console reader (a pipe), not at once
+        wait_for(lambda: "started" in log.read_text(), 5, what="output in the log")
     finally:
         executor.terminate("m2", timeout=5)
     assert executor.pid("m2") is None
     assert not [d for d in cgroups.dirs if d.exists()]
-    assert "started" in log.read_text()
     wait_for(lambda: not Path(f"/proc/{pid}").exists(), 5, what="reaped, no zombie")
