@@ -125,6 +125,7 @@ def read_fleet(root: Path, revision: str, path: str = "") -> FleetSnapshot:
         raise FleetError(f"fleet folder {folder} does not exist")
     problems: list[ManifestProblem] = []
     tenants: dict[str, Tenant] = {}
+    first_at: dict[str, str] = {}  # tenant name -> where its first manifest is
     seen: set[Path] = set()
     for file in manifest_files(root, folder, problems):
         if file in seen:
@@ -142,10 +143,17 @@ def read_fleet(root: Path, revision: str, path: str = "") -> FleetSnapshot:
             except ValidationError as exc:
                 problems.append(ManifestProblem(where, _validation_message(exc), name))
                 continue
-            if tenant.metadata.name in tenants:
-                problems.append(ManifestProblem(where, "duplicate tenant name", name))
+            key = tenant.metadata.name
+            if key in first_at:
+                # Which one is meant is unknown: apply neither (the machine keeps running as it
+                # is), rather than let a new file take over a tenant by sorting first.
+                for here, there in ((where, first_at[key]), (first_at[key], where)):
+                    message = f"duplicate tenant name (also in {there}): neither is applied"
+                    problems.append(ManifestProblem(here, message, key))
+                tenants.pop(key, None)
                 continue
-            tenants[tenant.metadata.name] = tenant
+            first_at[key] = where
+            tenants[key] = tenant
     return FleetSnapshot(revision=revision, tenants=tenants, problems=problems)
 
 

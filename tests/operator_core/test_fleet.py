@@ -35,15 +35,30 @@ def test_plain_folder_multi_doc_and_other_kinds(tmp_path: Path) -> None:
 
 def test_bad_manifest_is_reported_and_others_kept(tmp_path: Path) -> None:
     bad = tenant_object("broken", resources={"cpu": "lots"})
-    write(tmp_path / "t.yaml", tenant_object("good"), bad, tenant_object("good"))
+    write(tmp_path / "t.yaml", tenant_object("good"), bad)
     (tmp_path / "junk.yaml").write_text("kind: [unclosed")
     snap = read_fleet(tmp_path, "r1")
     assert list(snap.tenants) == ["good"]
     messages = [str(p) for p in snap.problems]
     assert any("t.yaml (document 2) (tenant 'broken')" in m and "cpu" in m for m in messages)
-    assert any("duplicate" in m for m in messages)
     assert any(m.startswith("junk.yaml") and "YAML" in m for m in messages)
-    assert snap.broken_names == {"broken", "good"}
+    assert snap.broken_names == {"broken"}
+
+
+def test_a_duplicated_name_applies_neither_manifest(tmp_path: Path) -> None:
+    """A second file naming a running tenant must not take it over (by sorting first)."""
+    write(tmp_path / "web.yaml", tenant_object("web"))
+    write(tmp_path / "another.yaml", tenant_object("web", suspend=True), tenant_object("db"))
+    snap = read_fleet(tmp_path, "r1")
+    assert list(snap.tenants) == ["db"]
+    assert snap.broken_names == {"web"}, "the machine of 'web' is kept, not removed"
+    messages = sorted(str(p) for p in snap.problems)
+    assert messages == [
+        "another.yaml (document 1) (tenant 'web'): duplicate tenant name (also in web.yaml "
+        "(document 1)): neither is applied",
+        "web.yaml (document 1) (tenant 'web'): duplicate tenant name (also in another.yaml "
+        "(document 1)): neither is applied",
+    ]
 
 
 def test_status_in_a_manifest_is_ignored(tmp_path: Path) -> None:
