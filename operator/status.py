@@ -340,6 +340,8 @@ def transition_events(previous: TenantStatus | None, new: TenantStatus) -> list[
         ):
             continue
         bad = cond.status == ("True" if type_ == "Stalled" else "False")
+        # Ready=Unknown is a transient problem (the shim unreachable): the user must hear of it.
+        bad = bad or (type_ == "Ready" and cond.status == "Unknown")
         if (old is None or type_ == "Stalled") and not bad:
             continue  # a fresh tenant's good news is the phase; Stalled=False is Ready's news
         body = cond.message or cond.reason

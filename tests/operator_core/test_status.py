@@ -202,6 +202,26 @@ def test_shim_unreachable_keeps_what_was_known(tenant: Tenant) -> None:
     assert s.source is not None and s.source.last_checked == T0
 
 
+def test_shim_unreachable_is_a_warning_told_once_and_so_is_its_end(tenant: Tenant) -> None:
+    """`bitbuilder run` logs only events: without one, a missing shim went unnoticed."""
+    problem = Problem("ShimUnavailable", "host shim unreachable", "MachineReady", transient=True)
+    fresh = status(tenant, None, problem=problem)
+    assert ("Warning", "ShimUnavailable", "Ready=Unknown: host shim unreachable") in [
+        (e.type, e.reason, e.message) for e in transition_events(None, fresh)
+    ]
+    good = status(tenant, machine())
+    down = status(tenant, None, previous=good, problem=problem, now=T0 + timedelta(minutes=1))
+    assert [(e.type, e.reason) for e in transition_events(good, down)] == [
+        ("Warning", "ShimUnavailable")
+    ]
+    still = status(tenant, None, previous=down, problem=problem, now=T0 + timedelta(minutes=2))
+    assert transition_events(down, still) == []
+    up = status(tenant, machine(), previous=still, now=T0 + timedelta(minutes=3))
+    assert [(e.type, e.message[:10]) for e in transition_events(still, up)] == [
+        ("Normal", "Ready=True")
+    ]
+
+
 def test_rollback_event_names_both_revisions(tenant: Tenant) -> None:
     first = status(tenant, machine(source_revision=f"main@sha1:{SHA_B}", applied_revision=SHA_B))
     back = status(tenant, machine(), previous=first)
