@@ -67,6 +67,12 @@ def table(rows: Sequence[Sequence[str]], header: Sequence[str] = COLUMNS) -> str
     return "\n".join(lines) + "\n"
 
 
+def retrying(records: Sequence[TenantRecord]) -> list[str]:
+    """What Ready=Unknown says (a problem being retried: the host shim unreachable), once each."""
+    conditions = (find_condition(r.status, "Ready") for r in records)
+    return sorted({c.message for c in conditions if c is not None and c.status == "Unknown"})
+
+
 def render(records: Sequence[TenantRecord], output: str, now: datetime) -> str:
     if output in ("json", "yaml"):
         items = [
@@ -97,6 +103,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"warning: skipped manifest {problem}", file=sys.stderr)
         if fleet.error:
             print(f"warning: fleet {fleet.source}: {fleet.error}", file=sys.stderr)
+    if args.output == "table":
+        for message in retrying(records):
+            print(f"warning: {message}", file=sys.stderr)
     return 1 if args.names and len(records) < len(args.names) else 0
 
 

@@ -12,7 +12,7 @@ from bitbuilder.hostshim.api import AppliedRevision, MachineStatus
 from bitbuilder.operator.cli import main
 from bitbuilder.operator.get import human_age, render
 from bitbuilder.operator.localstate import FleetRecord, LocalState, observe
-from bitbuilder.operator.status import Observation, compute_status
+from bitbuilder.operator.status import Observation, Problem, compute_status
 from tests.operator_core.conftest import SHA_A, make_tenant
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
@@ -73,3 +73,19 @@ def test_cli_names_and_warnings(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert "warning: skipped manifest x.yaml (tenant 'bad'): cpu: wrong" in err
     assert main(["get", "tn", "nope", "--state-dir", str(tmp_path)]) == 1
     assert 'tenants "nope" not found' in capsys.readouterr().err
+
+
+def test_cli_warns_once_when_the_shim_is_unreachable(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """READY Unknown alone does not say why: the reason the tenants wait is printed once."""
+    state = LocalState(tmp_path)
+    problem = Problem("ShimUnavailable", "host shim at /s unreachable", "MachineReady", True)
+    for name in ("web", "db"):
+        tenant = make_tenant(name)
+        status = compute_status(Observation(tenant, None, "node1", T0, problem), None)
+        state.save(observe(None, tenant, T0).model_copy(update={"status": status}))
+    assert main(["get", "tenants", "--state-dir", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert [line.split()[-2] for line in out.splitlines()[1:]] == ["Unknown", "Unknown"]
+    assert err == "warning: host shim at /s unreachable\n"
