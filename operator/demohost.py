@@ -92,6 +92,17 @@ class Repo:
         return git("rev-parse", "HEAD", cwd=self.work)
 
 
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it is still there after `timeout` seconds; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 @dataclass
 class Processes:
     """Children started by the demo, stopped in reverse order. Their names and pids are also
@@ -128,13 +139,7 @@ class Processes:
             name, proc = entry
             if names and name not in names:
                 continue
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, timeout)
             self.children.remove(entry)
         if self.logs.is_dir():
             self._record()

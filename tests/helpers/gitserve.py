@@ -23,7 +23,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
-from bitbuilder.operator.demohost import free_port
+from bitbuilder.operator.demohost import free_port, stop_process
 from tests.helpers.wait import wait_for
 
 GIT_ENV = {
@@ -65,16 +65,6 @@ def _accepts(port: int) -> bool:
         return False
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @contextmanager
 def _listening(argv_for_port: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     """Start a server process and wait until `port` accepts connections."""
@@ -90,7 +80,7 @@ def _listening(argv_for_port: list[str], port: int, log: Path) -> Iterator[subpr
             raise RuntimeError(f"{argv_for_port[0]} exited: {log.read_text(errors='replace')}")
         yield proc
     finally:
-        _stop(proc)
+        stop_process(proc, timeout=10)
 
 
 # --- servers ---------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from aiohttp import web
 from kubernetes import client as k8s
 
 from bitbuilder.operator.api import RECONCILE_REQUESTED_ANNOTATION
-from bitbuilder.operator.demohost import free_port
+from bitbuilder.operator.demohost import free_port, stop_process
 from bitbuilder.operator.handlers import Driver, build_registry, run_operator
 from bitbuilder.operator.kubeapi import KubeSecrets, StatusWriter, client_login
 from bitbuilder.operator.reconcile import Node
@@ -163,13 +163,7 @@ def operator_process(
         assert proc.poll() is None, log.read_text()[-3000:]
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, timeout=20)
 
 
 def run_e2e(api: EmulatorThread, tmp_path: Path, **env: str) -> str:

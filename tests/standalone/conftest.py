@@ -178,10 +178,7 @@ class Host:
     # --- teardown -----------------------------------------------------------------------------
 
     def teardown(self) -> None:
-        reconciler = [p for n, p in self.procs.children if n == "reconciler"]
-        for proc in reconciler:
-            proc.terminate()
-            proc.wait(20)
+        self.procs.stop("reconciler")  # first: it would bring deleted machines back
         leaders: list[int] = []
         if self.socket.exists():
             machines: list[MachineStatus] = self.call(lambda c: c.machines())
