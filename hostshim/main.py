@@ -42,9 +42,24 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Run tenants as nspawn machines from their git repos; serve the shim API "
         "on a unix socket.",
     )
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    parser.add_argument("--runtime-dir", type=Path, default=DEFAULT_RUNTIME_DIR)
-    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET)
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="tenant states, repos, images and data (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--runtime-dir",
+        type=Path,
+        default=DEFAULT_RUNTIME_DIR,
+        help="machine roots and consoles (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=DEFAULT_SOCKET,
+        help="the API's unix socket (default: %(default)s)",
+    )
     parser.add_argument(
         "--allow-uid", type=int, action="append", default=[], metavar="N",
         help="uid allowed on the socket (repeatable; default: 0 only)",
@@ -61,13 +76,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--file-source-root", type=Path, action="append", default=[], metavar="DIR",
         help="root under which file:// tenant repos are allowed (repeatable)",
     )  # fmt: skip
-    parser.add_argument("--executor", choices=("auto", "direct", "systemd"), default="auto")
     parser.add_argument(
-        "--drift-interval", type=float, default=30.0, metavar="SECONDS",
-        help="how often to check running machines against their applied revision (0: never)",
+        "--executor", choices=("auto", "direct", "systemd"), default="auto",
+        help="auto: systemd units where PID 1 is systemd, else detached processes (default: auto)",
     )  # fmt: skip
     parser.add_argument(
-        "--log-level", default="INFO", choices=("DEBUG", "INFO", "WARNING", "ERROR")
+        "--drift-interval", type=float, default=30.0, metavar="SECONDS",
+        help="how often to check running machines against their applied revision "
+        "(0: never; default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+        help="log verbosity (default: %(default)s)",
     )
     return parser.parse_args(argv)
 

@@ -116,5 +116,10 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     parser.add_argument("resource", choices=["tenants", "tenant", "tn"])
     parser.add_argument("names", nargs="*", metavar="NAME", help="only these tenants")
     parser.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="`bitbuilder run`'s state (default: %(default)s)",
+    )
     parser.set_defaults(handler=_run)

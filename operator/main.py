@@ -29,7 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="bitbuilder-operator",
         description="Reconcile Tenants (bitbuilder.io/v1alpha1) through this node's host shim.",
     )
-    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="host shim socket")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=DEFAULT_SOCKET,
+        help="host shim socket (default: %(default)s)",
+    )
     scope = parser.add_mutually_exclusive_group()
     scope.add_argument(
         "--namespace", action="append", default=[], help="only these namespaces (repeatable)"

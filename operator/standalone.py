@@ -334,12 +334,18 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "local host shim, and follow the fleet as tenants are added, changed and removed.",
     )
     parser.add_argument("--fleet", required=True, help="fleet git URL or folder")
-    parser.add_argument("--fleet-branch", default="main", help="branch of a fleet git repo")
-    parser.add_argument("--fleet-path", default="", help="folder inside the fleet to read")
+    parser.add_argument(
+        "--fleet-branch", default="main", help="branch of a fleet git repo (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--fleet-path", default="", help="folder inside the fleet to read (default: its root)"
+    )
     parser.add_argument(
         "--fleet-interval", type=_seconds, default=30.0, help="how often to check the fleet (30s)"
     )
-    parser.add_argument("--secrets-dir", type=Path, help="secretRefs: <dir>/<name>/<key> files")
+    parser.add_argument(
+        "--secrets-dir", type=Path, help="secretRefs: <dir>/<name>/<key> files (default: none)"
+    )
     parser.add_argument(
         "--fleet-secret", metavar="NAME", help="https credentials for the fleet repo (a secret)"
     )
@@ -348,9 +354,21 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         metavar="NAME",
         help="only fleet commits signed by the keys in this secret ('*.pub', '*.asc')",
     )
-    parser.add_argument("--socket", type=Path, default=DEFAULT_SOCKET, help="host shim socket")
-    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR)
-    parser.add_argument("--node", default=os.uname().nodename, help="this node's name")
+    parser.add_argument(
+        "--socket",
+        type=Path,
+        default=DEFAULT_SOCKET,
+        help="host shim socket (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        default=DEFAULT_STATE_DIR,
+        help="this reconciler's state (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--node", default=os.uname().nodename, help="this node's name (default: %(default)s)"
+    )
     parser.add_argument(
         "--node-label", action="append", default=[], metavar="KEY=VALUE", help="for nodeSelector"
     )

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.main import parse_args
 from tests.helpers.gitserve import TenantRepo
 from tests.helpers.wait import wait_for
 from tests.shim.conftest import RealShim, real_config
@@ -145,3 +146,11 @@ def test_a_second_daemon_on_the_same_dirs_refuses_to_start(tmp_path: Path, share
         assert f"another bitbuilder-hostshim uses {getattr(config, shared)}" in second.stderr
         assert not other.socket_path.exists(), "the second shim served"
         assert _healthy(ShimClient(str(config.socket_path)))
+
+
+def test_help_shows_the_default_dirs(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    for default in ("/var/lib/bitbuilder", "/run/bitbuilder", "/run/bitbuilder/hostshim.sock"):
+        assert f"(default: {default})" in text

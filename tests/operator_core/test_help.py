@@ -1,0 +1,31 @@
+"""The commands' --help names the defaults an operator of the host has to know."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitbuilder.operator import cli
+from bitbuilder.operator import main as operator_main
+
+
+@pytest.mark.parametrize(
+    ("argv", "defaults"),
+    [
+        (["run"], ["/run/bitbuilder/hostshim.sock", "/var/lib/bitbuilder/standalone", "main"]),
+        (["get"], ["/var/lib/bitbuilder/standalone"]),
+    ],
+)
+def test_bitbuilder_help_shows_defaults(
+    argv: list[str], defaults: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([*argv, "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
+    for default in defaults:
+        assert f"(default: {default})" in text
+
+
+def test_operator_help_shows_the_socket(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        operator_main.build_parser().parse_args(["--help"])
+    assert "(default: /run/bitbuilder/hostshim.sock)" in " ".join(capsys.readouterr().out.split())
