@@ -17,21 +17,13 @@ import subprocess
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 from bitbuilder.hostshim.api import MachineSpec
 from bitbuilder.hostshim.runtime.nspawn import InitKind, init_ready
 from tests.helpers.rootfs import cached_busybox_rootfs
+from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, make_shim
-
-
-def _until(probe: Callable[[], object], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not probe():
-        if time.monotonic() > deadline:
-            raise TimeoutError("machine did not come up")
-        time.sleep(0.001)
 
 
 def bare_start(rootfs: Path, name: str) -> float:
@@ -42,7 +34,8 @@ def bare_start(rootfs: Path, name: str) -> float:
          "-M", name, "--private-network", "--console=read-only", "--kill-signal=SIGUSR2"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    _until(lambda: init_ready(proc.pid, InitKind.other))
+    # polled every millisecond: the poll interval is part of what is measured
+    wait_for(lambda: init_ready(proc.pid, InitKind.other), interval=0.001, what="nspawn's init")
     elapsed = time.monotonic() - began
     proc.terminate()
     proc.wait(timeout=30)
@@ -62,7 +55,7 @@ def runner_start(shim: Shim, name: str) -> tuple[float, float]:
     began = time.monotonic()
     machine = shim.runner.start(MachineSpec(name=name, image="busybox"), None)
     started = time.monotonic() - began
-    _until(lambda: _answers(machine.address))
+    wait_for(lambda: _answers(machine.address), interval=0.001, what="the machine's web server")
     return started, time.monotonic() - began
 
 
