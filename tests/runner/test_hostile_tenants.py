@@ -192,3 +192,22 @@ def test_device_nodes_in_the_image_open_no_host_device(shim: Shim, busybox_rootf
     opened = shim.run_in(machine, "head", "-c", "1", "/root/zero")
     assert opened.returncode != 0 and "ermission denied" in opened.stderr, opened
     assert shim.run_in(machine, "head", "-c", "1", "/dev/zero").returncode == 0, "its own /dev"
+
+
+def test_writes_in_a_machine_never_reach_the_shared_image(shim: Shim) -> None:
+    """Every tenant of an image shares its rootfs: a machine's root writes into its own
+    layer only, whatever it changes, replaces, chmods or deletes."""
+    rootfs = shim.images.rootfs("busybox")
+    before = tree_snapshot(rootfs)
+    vandal = shim.start()
+    script = (
+        "echo pwned > /etc/inittab && chmod 777 /etc && rm /etc/passwd && "
+        "mkdir -p /usr/new && chown -R 1:1 /usr/new /bin && ln -sf /proc/1/root/etc /etc/link"
+    )
+    vandalised = shim.run_in(vandal, "sh", "-c", script)
+    assert vandalised.returncode == 0, vandalised.stderr
+    neighbour = shim.start()
+    assert "pwned" not in shim.run_in(neighbour, "cat", "/etc/inittab").stdout
+    assert shim.run_in(neighbour, "cat", "/etc/passwd").returncode == 0
+    shim.runner.stop(vandal.name)
+    assert tree_snapshot(rootfs) == before, "the image is untouched"
