@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ from bitbuilder.hostshim.api import GitCredentials, VerifySpec
 from bitbuilder.operator.cli import main
 from bitbuilder.operator.fleet import FleetError, FolderFleet, GitFleet, open_fleet, read_fleet
 from bitbuilder.operator.localstate import LocalState
-from tests.helpers.gitserve import TenantRepo, gpg_signer, http_server, ssh_signer
+from tests.helpers.gitserve import TenantRepo, git, gpg_signer, http_server, ssh_signer
 from tests.operator_core.conftest import tenant_object
 
 
@@ -107,31 +106,23 @@ def test_folder_revision_follows_content(tmp_path: Path) -> None:
     assert fleet.head() != first
 
 
-def git(cwd: Path, *args: str) -> str:
-    env = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "PATH": "/usr/bin:/bin", "HOME": str(cwd)}  # fmt: skip
-    return subprocess.run(
-        ["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
 def test_git_fleet_follows_the_branch(tmp_path: Path) -> None:
     repo = tmp_path / "fleet"
     repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
+    git("init", "-q", "-b", "main", cwd=repo)
     write(repo / "tenants" / "a.yaml", tenant_object("a"))
     (repo / "tenants" / "link.yaml").symlink_to("/etc/passwd")
-    git(repo, "add", ".")
-    git(repo, "commit", "-qm", "one")
+    git("add", ".", cwd=repo)
+    git("commit", "-qm", "one", cwd=repo)
     fleet = open_fleet(f"file://{repo}", tmp_path / "work", "main", "tenants")
     assert isinstance(fleet, GitFleet)
     first = fleet.snapshot()
-    assert first.revision == git(repo, "rev-parse", "HEAD")
+    assert first.revision == git("rev-parse", "HEAD", cwd=repo)
     assert list(first.tenants) == ["a"]
     assert not (tmp_path / "work" / "trees" / first.revision / "tenants" / "link.yaml").exists()
     write(repo / "tenants" / "b.yaml", tenant_object("b"))
-    git(repo, "add", ".")
-    git(repo, "commit", "-qm", "two")
+    git("add", ".", cwd=repo)
+    git("commit", "-qm", "two", cwd=repo)
     second = fleet.snapshot()
     assert sorted(second.tenants) == ["a", "b"]
     assert [p.name for p in (tmp_path / "work" / "trees").iterdir()] == [second.revision]
@@ -142,10 +133,10 @@ def test_git_fleet_errors(tmp_path: Path) -> None:
         GitFleet(f"file://{tmp_path}/missing.git", "main", tmp_path / "w").snapshot()
     repo = tmp_path / "r"
     repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
+    git("init", "-q", "-b", "main", cwd=repo)
     (repo / "x").write_text("x")
-    git(repo, "add", ".")
-    git(repo, "commit", "-qm", "x")
+    git("add", ".", cwd=repo)
+    git("commit", "-qm", "x", cwd=repo)
     with pytest.raises(FleetError, match="no branch 'prod'"):
         GitFleet(f"file://{repo}", "prod", tmp_path / "w2").snapshot()
 
