@@ -17,11 +17,6 @@ class ShimError(Exception):
         self.revision = revision
 
 
-class InvalidRequest(ShimError):
-    status = 422
-    reason = "ValidationFailed"
-
-
 class NotFound(ShimError):
     status = 404
     reason = "NotFound"

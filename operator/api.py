@@ -171,9 +171,6 @@ class TenantPhase(StrEnum):
     terminating = "Terminating"
 
 
-ConditionType = Literal["Ready", "Reconciling", "Stalled", "SourceReady", "MachineReady"]
-
-
 class Condition(WireModel):
     """A kstatus-style condition."""
 
