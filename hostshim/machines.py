@@ -318,6 +318,13 @@ class MachineManager:
     ) -> bool:
         """Stop what runs, start the target; False (and status says why) if that failed."""
         name = state.name
+        try:
+            self.images.get(state.desired.image)  # a start bound to fail must not stop what runs
+        except ShimError as exc:
+            state.machine_error = self._error(exc, checkout.revision if checkout else None)
+            state.failed_target = target
+            log.warning("tenant %s: cannot start: %s", name, state.machine_error.message)
+            return False
         with self._phase(name, MachinePhase.updating if running else MachinePhase.starting):
             try:
                 if running:

@@ -110,6 +110,14 @@ def test_failed_start_rolls_back_and_is_not_retried_each_poll(fake_shim: FakeShi
     assert st.machine_error is None and st.phase == "Running"
 
 
+def test_a_missing_image_does_not_stop_the_running_machine(fake_shim: FakeShim) -> None:
+    first = status(fake_shim.client.put(machine_spec()).body)
+    st = status(fake_shim.client.put(machine_spec(image="typo")).body)
+    assert st.machine_error is not None and st.machine_error.reason == "ImageNotFound"
+    assert st.phase == "Running" and st.leader_pid == first.leader_pid
+    assert fake_shim.runner.stops == []
+
+
 def test_suspend_stops_and_resume_starts(fake_shim: FakeShim) -> None:
     status(fake_shim.client.put(machine_spec()).body)
     fake_shim.runner.data.add("web")
