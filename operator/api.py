@@ -11,7 +11,14 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, StringConstraints, model_validator
+from pydantic import (
+    AfterValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    model_validator,
+)
 
 from bitbuilder.hostshim.api import (
     QUANTITY_PATTERN,
@@ -274,3 +281,12 @@ class Tenant(WireModel):
     def from_object(cls, obj: dict[str, Any]) -> Tenant:
         """Validate a manifest or an API object (status included if present)."""
         return cls.model_validate(obj)
+
+
+def validation_message(exc: ValidationError) -> str:
+    """One line for people: `where: what` per problem, `;`-separated."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        parts.append(f"{loc}: {err['msg']}" if loc else str(err["msg"]))
+    return "; ".join(parts)

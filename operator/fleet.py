@@ -20,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from bitbuilder.hostshim.api import GitCredentials, VerifySpec
-from bitbuilder.operator.api import API_VERSION, KIND, Tenant
+from bitbuilder.operator.api import API_VERSION, KIND, Tenant, validation_message
 from bitbuilder.operator.fleetverify import Unverified, verify_commit
 
 KUSTOMIZATIONS = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -57,14 +57,6 @@ class FleetError(Exception):
 
 
 # --- reading manifests ------------------------------------------------------------------------
-
-
-def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"])
-        parts.append(f"{loc}: {err['msg']}" if loc else str(err["msg"]))
-    return "; ".join(parts)
 
 
 def manifest_files(root: Path, folder: Path, problems: list[ManifestProblem]) -> Iterator[Path]:
@@ -141,7 +133,7 @@ def read_fleet(root: Path, revision: str, path: str = "") -> FleetSnapshot:
             try:
                 tenant = Tenant.from_object(manifest)
             except ValidationError as exc:
-                problems.append(ManifestProblem(where, _validation_message(exc), name))
+                problems.append(ManifestProblem(where, validation_message(exc), name))
                 continue
             key = tenant.metadata.name
             if key in first_at:

@@ -27,6 +27,7 @@ from bitbuilder.operator.api import (
     Tenant,
     TenantPhase,
     TenantStatus,
+    validation_message,
 )
 from bitbuilder.operator.kubeapi import Login, StatusWriter
 from bitbuilder.operator.reconcile import (
@@ -77,9 +78,7 @@ class Driver:
             try:
                 tenant = Tenant.from_object(dict(body))
             except ValidationError as exc:
-                message = "; ".join(
-                    f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()
-                )
+                message = validation_message(exc)
                 kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
                 logger.error(f"invalid Tenant: {message}")
                 return

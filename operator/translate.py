@@ -22,7 +22,7 @@ from bitbuilder.hostshim.api import (
     SourceSpec,
     VerifySpec,
 )
-from bitbuilder.operator.api import Tenant, TenantSource
+from bitbuilder.operator.api import Tenant, TenantSource, validation_message
 
 SecretData = Mapping[str, bytes]
 
@@ -172,7 +172,7 @@ def resource_limits(tenant: Tenant) -> ResourceLimits:
             disk_bytes=res.disk_bytes(),
         )
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = validation_message(exc)
         raise TranslateError("InvalidResources", f"resources out of range: {problems}") from None
 
 
