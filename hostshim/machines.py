@@ -49,7 +49,7 @@ from bitbuilder.hostshim.state import (
 log = logging.getLogger(__name__)
 
 
-# --- what the manager needs from B and C (their real classes satisfy these) -----------------
+# --- what the manager needs of runner, source and image store (protocols: tests pass fakes) ---
 
 
 class MachineInfo(Protocol):
