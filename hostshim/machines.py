@@ -1,7 +1,7 @@
 """Desired -> applied for every tenant: idempotent, resumable, one tenant at a time.
 
-The manager owns the state files and drives the git source (B) and the machine runner (C). A
-tenant's lock serialises everything that changes it; status reads never wait for a lock.
+The manager owns the state files and drives the git source (source.py) and the machine runner
+(runner.py). A tenant's lock serialises everything that changes it; status reads never wait for a lock.
 A source or layout problem never stops a machine: the last good revision keeps running and
 the problem is reported in status. A new revision is fetched and validated before the old
 machine is stopped.

@@ -1,6 +1,6 @@
 """In-memory stand-ins for the git source, the runner and the image store (fast API tests).
 
-They follow the interfaces in notes/INTERFACES.md (B's GitSource, C's Runner and ImageStore),
+They satisfy the manager's protocols (SourceLike, RunnerLike, ImagesLike in hostshim/machines.py)
 and record calls so tests can assert what the manager did — and did not — do.
 """
 
