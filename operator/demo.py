@@ -302,19 +302,22 @@ def run_demo(workdir: Path | None, keep: bool) -> int:
     work.mkdir(parents=True, exist_ok=True)
     say(f"BitBuilder demo in {work}")
     demo = Demo(work)
-    failed = False
+    failed = interrupted = False
     try:
         asyncio.run(demo.run())
     except (DemoError, OSError) as exc:
         failed = True
         print(f"error: {exc}", file=sys.stderr)
         print(f"logs: {demo.procs.logs}", file=sys.stderr)
+    except KeyboardInterrupt:  # Ctrl-C: clean up and say so, no traceback
+        interrupted = True
+        print("interrupted", file=sys.stderr)
     finally:
         if keep:
             say_kept(demo)
         else:
             cleanup(demo, keep_files=failed)
-    return 1 if failed else 0
+    return 130 if interrupted else 1 if failed else 0
 
 
 def cleanup(demo: Demo, keep_files: bool) -> None:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from bitbuilder.operator import demo
 from bitbuilder.operator.demo import mounts_under
 
 
@@ -15,3 +18,18 @@ def test_mounts_under() -> None:
 
 def test_no_mounts_in_a_fresh_folder(tmp_path: Path) -> None:
     assert mounts_under(tmp_path) == []
+
+
+def test_ctrl_c_cleans_up_and_exits_130_without_a_traceback(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def interrupted(self: demo.Demo) -> None:
+        raise KeyboardInterrupt
+
+    cleaned: list[bool] = []
+    monkeypatch.setattr(demo, "preflight", lambda: None)
+    monkeypatch.setattr(demo.Demo, "run", interrupted)
+    monkeypatch.setattr(demo, "cleanup", lambda _demo, keep_files: cleaned.append(keep_files))
+    assert demo.run_demo(tmp_path / "work", keep=False) == 130
+    assert cleaned == [False]
+    assert capsys.readouterr().err == "interrupted\n"
