@@ -35,6 +35,7 @@ from bitbuilder.hostshim.drift import TreeVerifier
 from bitbuilder.hostshim.errors import Conflict, MachineError, NotFound, ShimError, SourceError
 from bitbuilder.hostshim.layout import Layout
 from bitbuilder.hostshim.paths import TenantPaths, checked_name
+from bitbuilder.hostshim.runner import check_spec
 from bitbuilder.hostshim.source import Checkout
 from bitbuilder.hostshim.state import (
     AppliedState,
@@ -318,8 +319,9 @@ class MachineManager:
     ) -> bool:
         """Stop what runs, start the target; False (and status says why) if that failed."""
         name = state.name
-        try:
-            self.images.get(state.desired.image)  # a start bound to fail must not stop what runs
+        try:  # a start bound to fail must not stop what runs
+            check_spec(state.desired)
+            self.images.get(state.desired.image)
         except ShimError as exc:
             state.machine_error = self._error(exc, checkout.revision if checkout else None)
             state.failed_target = target

@@ -73,6 +73,17 @@ def _umount(path: Path) -> None:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
+def check_spec(spec: MachineSpec) -> None:
+    """Refuse what this runner can never start: called before a running machine is stopped."""
+    if spec.runtime is not Runtime.nspawn:
+        raise MachineError(
+            f"runtime {spec.runtime} is not supported on this host (nspawn only)",
+            reason="Unsupported",
+        )
+    if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
+        raise MachineError("port forwards need network mode isolated", reason="InvalidSpec")
+
+
 class Runner:
     def __init__(self, config: ShimConfig, images: ImageStore, executor: Executor) -> None:
         self.config = config
@@ -91,10 +102,7 @@ class Runner:
     # --- start -----------------------------------------------------------------------------
 
     def start(self, spec: MachineSpec, checkout: Checkout | None) -> RunningMachine:
-        if spec.runtime is not Runtime.nspawn:
-            raise MachineError(f"runtime {spec.runtime} is not supported", reason="Unsupported")
-        if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
-            raise MachineError("port forwards need network mode isolated", reason="InvalidSpec")
+        check_spec(spec)
         paths = TenantPaths(self.config, spec.name)
         with self._lock(spec.name):
             if self.executor.pid(spec.name) is not None:

@@ -110,10 +110,20 @@ def test_failed_start_rolls_back_and_is_not_retried_each_poll(fake_shim: FakeShi
     assert st.machine_error is None and st.phase == "Running"
 
 
-def test_a_missing_image_does_not_stop_the_running_machine(fake_shim: FakeShim) -> None:
+@pytest.mark.parametrize(
+    ("change", "reason", "says"),
+    [
+        ({"image": "typo"}, "ImageNotFound", "'typo'"),
+        ({"runtime": "vmspawn"}, "Unsupported", "vmspawn is not supported on this host"),
+    ],
+)
+def test_a_spec_that_cannot_start_does_not_stop_the_running_machine(
+    fake_shim: FakeShim, change: dict[str, str], reason: str, says: str
+) -> None:
     first = status(fake_shim.client.put(machine_spec()).body)
-    st = status(fake_shim.client.put(machine_spec(image="typo")).body)
-    assert st.machine_error is not None and st.machine_error.reason == "ImageNotFound"
+    st = status(fake_shim.client.put(machine_spec(**change)).body)
+    assert st.machine_error is not None and st.machine_error.reason == reason
+    assert says in st.machine_error.message
     assert st.phase == "Running" and st.leader_pid == first.leader_pid
     assert fake_shim.runner.stops == []
 
