@@ -88,6 +88,12 @@ def _text(data: SecretData, key: str, secret: str) -> str:
         raise TranslateError("InvalidSecret", f"secret {secret!r} key {key!r} is not text") from exc
 
 
+def _invalid_secret(secret: str, exc: ValidationError) -> TranslateError:
+    """pydantic's messages only: str(exc) would show the input, which may be the secret."""
+    problems = "; ".join(str(e["msg"]) for e in exc.errors())
+    return TranslateError("InvalidSecret", f"secret {secret!r}: {problems}")
+
+
 def _first(data: SecretData, *keys: str) -> str | None:
     return next((k for k in keys if k in data), None)
 
@@ -112,8 +118,7 @@ def credentials_from_secret(data: SecretData, secret: str) -> GitCredentials:
                 username=user.strip(), password=SecretStr(_text(data, password, secret).strip())
             )
     except ValidationError as exc:
-        problems = "; ".join(str(e["msg"]) for e in exc.errors())
-        raise TranslateError("InvalidSecret", f"secret {secret!r}: {problems}") from None
+        raise _invalid_secret(secret, exc) from None
     raise TranslateError(
         "InvalidSecret",
         f"secret {secret!r} needs keys 'username'+'password' (https) or "
@@ -143,8 +148,7 @@ def verify_from_secret(data: SecretData, secret: str) -> VerifySpec:
     try:
         return VerifySpec(ssh_keys=ssh, gpg_keys=gpg)
     except ValidationError as exc:
-        problems = "; ".join(str(e["msg"]) for e in exc.errors())
-        raise TranslateError("InvalidSecret", f"secret {secret!r}: {problems}") from None
+        raise _invalid_secret(secret, exc) from None
 
 
 def source_spec(source: TenantSource, secrets: TenantSecrets) -> SourceSpec:
