@@ -108,7 +108,13 @@ def parse_labels(pairs: Sequence[str]) -> dict[str, str]:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     kopf.configure(verbose=args.verbose)
-    api = load_kube(args.kubeconfig)
+    try:
+        api = load_kube(args.kubeconfig)
+    except (k8s_config.ConfigException, OSError) as exc:
+        log.error(
+            "no cluster to talk to: %s (run in a pod, or give --kubeconfig / $KUBECONFIG)", exc
+        )
+        return 2
     driver = Driver(
         shim=ShimClient(args.socket),
         secrets=KubeSecrets(api, args.secrets_namespace),

@@ -1,6 +1,9 @@
-"""The commands' --help names the defaults an operator of the host has to know."""
+"""The commands' --help names the defaults an operator of the host has to know; a missing
+cluster is an error message, not a traceback."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 
@@ -29,3 +32,13 @@ def test_operator_help_shows_the_socket(capsys: pytest.CaptureFixture[str]) -> N
     with pytest.raises(SystemExit):
         operator_main.build_parser().parse_args(["--help"])
     assert "(default: /run/bitbuilder/hostshim.sock)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_operator_without_a_cluster_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    empty = tmp_path / "kubeconfig"
+    empty.write_text("")
+    assert operator_main.main(["--kubeconfig", str(empty)]) == 2
+    assert "no cluster to talk to" in caplog.text and "--kubeconfig" in caplog.text
