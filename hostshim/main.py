@@ -158,10 +158,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = config_from(args)
     # The state (credentials, tenant data) is root's alone; the runtime dir holds the socket,
     # which allowed non-root callers must be able to reach.
-    config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    config.runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
     try:
+        config.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        config.runtime_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
         held = hold_dirs(config)  # before anything touches a machine or a state
+    except OSError as exc:  # not root, most likely
+        log.error("cannot use the state and runtime dirs: %s (the shim runs as root)", exc)
+        return 1
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1

@@ -87,7 +87,11 @@ def render(records: Sequence[TenantRecord], output: str, now: datetime) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     state = LocalState(args.state_dir)
-    records = state.records()
+    try:
+        records = state.records()
+    except PermissionError as exc:
+        print(f"error: {exc} (the state of `bitbuilder run` is root's)", file=sys.stderr)
+        return 1
     if args.names:
         known = {r.name: r for r in records}
         missing = [n for n in args.names if n not in known]

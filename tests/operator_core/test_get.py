@@ -89,3 +89,15 @@ def test_cli_warns_once_when_the_shim_is_unreachable(
     out, err = capsys.readouterr()
     assert [line.split()[-2] for line in out.splitlines()[1:]] == ["Unknown", "Unknown"]
     assert err == "warning: host shim at /s unreachable\n"
+
+
+def test_cli_unreadable_state_is_an_error_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def denied(self: LocalState) -> None:
+        raise PermissionError(13, "Permission denied", str(self.root / "tenants"))
+
+    monkeypatch.setattr(LocalState, "records", denied)
+    assert main(["get", "tenants", "--state-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: [Errno 13] Permission denied") and "root's" in err

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.main import parse_args
+from bitbuilder.hostshim.main import main, parse_args
 from tests.helpers.gitserve import TenantRepo
 from tests.helpers.wait import wait_for
 from tests.shim.conftest import RealShim, real_config
@@ -154,3 +154,14 @@ def test_help_shows_the_default_dirs(capsys: pytest.CaptureFixture[str]) -> None
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps long lines
     for default in ("/var/lib/bitbuilder", "/run/bitbuilder", "/run/bitbuilder/hostshim.sock"):
         assert f"(default: {default})" in text
+
+
+def test_unusable_state_dir_is_an_error_message(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a shim started without root sees: one line naming the dir, no traceback."""
+    (tmp_path / "file").write_text("")
+    argv = ["--state-dir", str(tmp_path / "file" / "state"), "--runtime-dir", str(tmp_path)]
+    assert main([*argv, "--socket", str(tmp_path / "s.sock")]) == 1
+    assert "cannot use the state and runtime dirs" in caplog.text
+    assert str(tmp_path / "file" / "state") in caplog.text
