@@ -17,7 +17,7 @@ from tests.helpers.kube_http import Kube
 from tests.kopf.support import FakeShimServer
 
 # The real host (shim process, nspawn, git daemon) is standalone mode's test host.
-from tests.standalone.conftest import busybox_rootfs, host  # noqa: F401
+from tests.standalone.conftest import host  # noqa: F401
 
 
 @pytest.fixture

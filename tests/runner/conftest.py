@@ -27,7 +27,6 @@ from bitbuilder.hostshim.network import link_name
 from bitbuilder.hostshim.runner import Runner, RunningMachine
 from bitbuilder.hostshim.source import Checkout
 from tests.helpers.needs import needs_root_and
-from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
 
 needs_nspawn = needs_root_and("systemd-nspawn", "nft")
@@ -35,11 +34,6 @@ needs_nspawn = needs_root_and("systemd-nspawn", "nft")
 
 def unique_name(prefix: str = "cr") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture(scope="session")
-def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return cached_busybox_rootfs(tmp_path_factory.getbasetemp() / "rootfs-cache")
 
 
 def runner_config(root: Path, trusted: Path) -> ShimConfig:

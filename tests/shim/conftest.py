@@ -14,7 +14,6 @@ from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.machines import MachineManager
 from bitbuilder.hostshim.main import build_manager
 from bitbuilder.hostshim.paths import TenantPaths
-from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.shim.fakes import (
     FakeImages,
     FakeRemote,
@@ -157,9 +156,3 @@ def real_shim(tmp_path: Path) -> Iterator[RealShim]:
         yield shim
     finally:
         shim.stop_all()
-
-
-@pytest.fixture(scope="session")
-def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The busybox test image, built once per session (shared with the runner's tests)."""
-    return cached_busybox_rootfs(tmp_path_factory.getbasetemp() / "rootfs-cache")

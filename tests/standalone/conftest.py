@@ -23,7 +23,6 @@ from bitbuilder.operator.shimclient import ShimClient
 from bitbuilder.operator.status import find_condition
 from tests.helpers.gitserve import Content, Server, TenantRepo, git_daemon
 from tests.helpers.needs import needs_root_and
-from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
 
 # Each test module sets `pytestmark = REAL_HOST` (a conftest's pytestmark marks nothing).
@@ -195,11 +194,6 @@ def _zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z"
     except OSError:
         return True
-
-
-@pytest.fixture(scope="session")
-def busybox_rootfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return cached_busybox_rootfs(tmp_path_factory.getbasetemp() / "rootfs-cache")
 
 
 @pytest.fixture
