@@ -51,6 +51,12 @@ class FleetSnapshot:
         """Tenants whose manifest is broken: still in the fleet, not to be removed."""
         return {p.name for p in self.problems if p.name}
 
+    @property
+    def complete(self) -> bool:
+        """Every problem names its tenant. Otherwise a file could not be read (a YAML syntax
+        error, a missing kustomization resource): it may hold any tenant, so none has left."""
+        return all(p.name for p in self.problems)
+
 
 class FleetError(Exception):
     """The fleet itself cannot be read (unreachable repo, missing folder)."""

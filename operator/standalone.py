@@ -133,6 +133,8 @@ class Standalone:
             if self.desired.get(name) != tenant:
                 self.desired[name] = tenant
                 self._wake(name)
+        if not snapshot.complete:
+            return  # a manifest could not be read: which tenants left the fleet is unknown
         keep = set(snapshot.tenants) | snapshot.broken_names
         for name in (set(self.desired) | set(self.state.names())) - keep:
             if self.desired.pop(name, None) is not None or name not in self.workers:

@@ -147,6 +147,26 @@ def test_broken_manifest_keeps_others_and_its_own_machine(tmp_path: Path) -> Non
     run(body)
 
 
+def test_an_unreadable_manifest_removes_no_tenant(tmp_path: Path) -> None:
+    """A YAML syntax error names no tenant: removing what it held would delete its data."""
+    fleet = fleet_of(tmp_path, "a", "b", "c")
+
+    async def body() -> None:
+        async with driver(tmp_path) as (d, fake, state):
+            await all_running(fake, state, "a", "b", "c")
+            (fleet / "b.yaml").write_text("kind: Tenant\nspec: [\n")
+            (fleet / "c.yaml").unlink()  # even a real removal waits until the fleet reads again
+            snapshot = await d.refresh_fleet()
+            assert snapshot is not None and [p.file for p in snapshot.problems] == ["b.yaml"]
+            assert sorted(d.desired) == ["a", "b", "c"], "none is being removed"
+            write_tenant(fleet, "b")
+            await d.refresh_fleet()
+            await until(lambda: "c" not in fake.machines, "c removed once the fleet reads")
+            assert {"a", "b"} <= set(fake.machines)
+
+    run(body)
+
+
 def test_only_machines_it_created_are_removed(tmp_path: Path) -> None:
     async def body() -> None:
         async with driver(tmp_path) as (d, fake, state):
