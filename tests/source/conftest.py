@@ -119,6 +119,11 @@ def serve(kind: str, repo: TenantRepo, served: Path) -> Iterator[Remote]:
 
 
 @pytest.fixture
+def file_remote(repo: TenantRepo, served: Path) -> Iterator[Remote]:
+    yield from serve("file", repo, served)
+
+
+@pytest.fixture
 def fetch_calls(monkeypatch: pytest.MonkeyPatch) -> list[list[str] | None]:
     """Every pygit2 Remote.fetch the code under test makes (its refspecs)."""
     calls: list[list[str] | None] = []

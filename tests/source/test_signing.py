@@ -15,12 +15,7 @@ from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.signing import verify_commit
 from bitbuilder.hostshim.source import GitSource
 from tests.helpers.gitserve import Signer, TenantRepo, gpg_signer, ssh_signer
-from tests.source.conftest import BASIC_LAYOUT, Remote, serve
-
-
-@pytest.fixture
-def file_remote(repo: TenantRepo, served: Path) -> Iterator[Remote]:
-    yield from serve("file", repo, served)
+from tests.source.conftest import BASIC_LAYOUT, Remote
 
 
 @pytest.fixture(scope="module")

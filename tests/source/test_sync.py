@@ -41,11 +41,6 @@ def reason_of(source: GitSource, spec: object) -> SourceError:
     return caught.value
 
 
-@pytest.fixture
-def file_remote(repo: TenantRepo, served: Path) -> Iterator[Remote]:
-    yield from serve("file", repo, served)
-
-
 def test_force_push_to_older_commit_gives_exactly_that_tree(
     file_remote: Remote, repo: TenantRepo, source: GitSource
 ) -> None:
