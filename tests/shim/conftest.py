@@ -9,7 +9,7 @@ from typing import Any, Self
 
 import pytest
 
-from bitbuilder.hostshim.api import ImageSpec
+from bitbuilder.hostshim.api import ImageSpec, MachineStatus
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.machines import MachineManager
 from bitbuilder.hostshim.main import build_manager
@@ -45,6 +45,11 @@ def machine_spec(name: str = "web", **overrides: Any) -> dict[str, Any]:
     }
     spec.update(overrides)
     return spec
+
+
+def status(body: object) -> MachineStatus:
+    """A reply body as the MachineStatus it must be."""
+    return MachineStatus.model_validate(body)
 
 
 class ServedShim:

@@ -8,14 +8,10 @@ import threading
 
 import pytest
 
-from bitbuilder.hostshim.api import ImageSpec, MachineSpec, MachineStatus
+from bitbuilder.hostshim.api import ImageSpec, MachineSpec
 from bitbuilder.hostshim.source import Checkout
-from tests.shim.conftest import REPO_URL, FakeShim, machine_spec
+from tests.shim.conftest import REPO_URL, FakeShim, machine_spec, status
 from tests.shim.fakes import FakeMachine, commit_id
-
-
-def status(reply_body: object) -> MachineStatus:
-    return MachineStatus.model_validate(reply_body)
 
 
 def test_create_runs_at_the_repo_head(fake_shim: FakeShim) -> None:

@@ -9,12 +9,8 @@ from pathlib import Path
 from bitbuilder.hostshim.api import MachineSpec, MachineStatus
 from bitbuilder.hostshim.state import Intent, StateStore, TenantState, machine_hash
 from tests.helpers.wait import wait_for
-from tests.shim.conftest import REPO_URL, FakeShim, machine_spec, serving_fake_shim
+from tests.shim.conftest import REPO_URL, FakeShim, machine_spec, serving_fake_shim, status
 from tests.shim.fakes import FakeSource, commit_id
-
-
-def status(body: object) -> MachineStatus:
-    return MachineStatus.model_validate(body)
 
 
 def restart_with_state(shim: FakeShim, edit: Callable[[TenantState], None]) -> StateStore:
