@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kubernetes import client as k8s
+from kubernetes import config as k8s_config
 
 from bitbuilder.operator.api import GROUP, PLURAL, RECONCILE_REQUESTED_ANNOTATION, VERSION
 from bitbuilder.operator.webhook import WebhookError, same_repo, start_webhook
@@ -82,6 +83,9 @@ def _run(args: argparse.Namespace) -> int:
     except (WebhookError, OSError) as exc:
         log.error("cannot serve the webhook: %s", exc)
         return 2
+    except k8s_config.ConfigException as exc:
+        log.error("no cluster to talk to: %s (run in a pod, or give --kubeconfig)", exc)
+        return 2
     return 0
 
 
@@ -94,7 +98,9 @@ def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         "whose spec.source.url is the pushed repository. (Standalone mode has its own: "
         "`bitbuilder run --webhook-listen`.)",
     )
-    parser.add_argument("--listen", default="127.0.0.1:9292", metavar="HOST:PORT")
+    parser.add_argument(
+        "--listen", default="127.0.0.1:9292", metavar="HOST:PORT", help="(default: %(default)s)"
+    )
     parser.add_argument("--secret-file", type=Path, required=True, help="the shared secret")
     parser.add_argument(
         "--kubeconfig", type=Path, help="kubeconfig (default: in-cluster, $KUBECONFIG)"

@@ -16,6 +16,7 @@ from bitbuilder.operator import main as operator_main
     [
         (["run"], ["/run/bitbuilder/hostshim.sock", "/var/lib/bitbuilder/standalone", "main"]),
         (["get"], ["/var/lib/bitbuilder/standalone"]),
+        (["webhook"], ["127.0.0.1:9292"]),
     ],
 )
 def test_bitbuilder_help_shows_defaults(
@@ -42,3 +43,14 @@ def test_operator_without_a_cluster_says_so(
     empty.write_text("")
     assert operator_main.main(["--kubeconfig", str(empty)]) == 2
     assert "no cluster to talk to" in caplog.text and "--kubeconfig" in caplog.text
+
+
+def test_webhook_without_a_cluster_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    (tmp_path / "kubeconfig").write_text("")
+    (tmp_path / "secret").write_text("s3cret")
+    argv = ["webhook", "--secret-file", str(tmp_path / "secret"), "--listen", "127.0.0.1:0"]
+    assert cli.main([*argv, "--kubeconfig", str(tmp_path / "kubeconfig")]) == 2
+    assert "no cluster to talk to" in caplog.text
