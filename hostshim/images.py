@@ -8,6 +8,7 @@ the tree, members below a symlink) and skips device nodes and fifos (nspawn brin
 
 from __future__ import annotations
 
+import copy
 import errno
 import hashlib
 import json
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
-from typing import IO
+from typing import IO, Any
 from urllib.parse import unquote, urlsplit
 
 from bitbuilder.hostshim.api import ImageSpec, ImageStatus
@@ -269,11 +270,27 @@ class _MemberFilter:
             self.symlinks.add(rel)
         elif rel in self.symlinks:
             raise _invalid(f"tarball member {member.name!r} replaces a symlink")
-        return member.replace(name=str(rel) or ".", deep=False)
+        kept = copy.copy(member)  # TarInfo.replace() is 3.11.4+; Debian 12 ships 3.11.2
+        kept.name = str(rel) or "."
+        return kept
 
 
 def _zstd_stream(path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["zstd", "-dcq", "--", str(path)], stdout=subprocess.PIPE)
+
+
+def _extract(tar: tarfile.TarFile, dest: Path) -> None:
+    """Every member through _MemberFilter, whether or not this Python has extraction filters
+    (3.11.4+; Debian 12's 3.11.2 has none, so the filter is applied member by member)."""
+    keep = _MemberFilter()
+    for member in tar:
+        kept = keep(member, str(dest))
+        if kept is not None:
+            tar.extract(kept, dest, numeric_owner=True, **_TRUSTED)
+
+
+# Our filter has already vetted the member; 3.12+ warns when no filter is named.
+_TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
 
 
 def unpack_tarball(tarball: Path, dest: Path) -> None:
@@ -285,13 +302,14 @@ def unpack_tarball(tarball: Path, dest: Path) -> None:
             proc = _zstd_stream(tarball)
             assert proc.stdout is not None
             with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
-                tar.extractall(dest, numeric_owner=True, filter=_MemberFilter())
+                _extract(tar, dest)
             if proc.wait() != 0:
                 raise _invalid("zstd could not decompress the image tarball")
         else:
             with tarfile.open(tarball, mode="r:*") as tar:
-                tar.extractall(dest, numeric_owner=True, filter=_MemberFilter())
-    except (tarfile.TarError, EOFError, KeyError) as exc:  # KeyError: a link to no member
+                _extract(tar, dest)
+    # A hard link to no member: KeyError (3.11.4+) or ValueError (3.11.2).
+    except (tarfile.TarError, EOFError, KeyError, ValueError) as exc:
         raise _invalid(f"image tarball is not a valid tar archive: {exc}") from exc
     except OSError as exc:
         if exc.errno not in (errno.ENAMETOOLONG, errno.EINVAL):
