@@ -239,6 +239,8 @@ class MachineManager:
         """Persist `spec` as desired, then bring the machine to it (synchronously)."""
         with self._lock(spec.name):
             state = self._current_state(spec.name) or TenantState.new(spec)
+            if machine_hash(spec) != machine_hash(state.desired):
+                state.machine_error = None  # it was about a machine no longer wanted
             state.desired = spec
             state.desired_hash = spec_hash(spec)
             state.intent = Intent.apply

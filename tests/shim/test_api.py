@@ -124,6 +124,17 @@ def test_a_spec_that_cannot_start_does_not_stop_the_running_machine(
     assert fake_shim.runner.stops == []
 
 
+def test_a_machine_error_goes_with_the_spec_it_was_about(fake_shim: FakeShim) -> None:
+    """Back to the running spec while the repo is unreachable: no stale start failure shown."""
+    fake_shim.client.put(machine_spec())
+    st = status(fake_shim.client.put(machine_spec(runtime="vmspawn")).body)
+    assert st.machine_error is not None and st.machine_error.reason == "Unsupported"
+    fake_shim.remote.unreachable.add(REPO_URL)
+    st = status(fake_shim.client.put(machine_spec()).body)
+    assert st.source_error is not None and st.source_error.reason == "SourceUnreachable"
+    assert st.machine_error is None and st.phase == "Running"
+
+
 def test_suspend_stops_and_resume_starts(fake_shim: FakeShim) -> None:
     status(fake_shim.client.put(machine_spec()).body)
     fake_shim.runner.data.add("web")
