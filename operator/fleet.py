@@ -20,7 +20,7 @@ import yaml
 from pydantic import ValidationError
 
 from bitbuilder.hostshim.api import GitCredentials, VerifySpec
-from bitbuilder.operator.api import API_VERSION, KIND, Tenant, validation_message
+from bitbuilder.operator.api import GROUP, Tenant, validation_message
 from bitbuilder.operator.fleetverify import Unverified, verify_commit
 
 KUSTOMIZATIONS = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -105,9 +105,12 @@ def _documents(path: Path, rel: str, problems: list[ManifestProblem]) -> list[An
 
 
 def _is_tenant(doc: Any) -> bool:
-    return (
-        isinstance(doc, dict) and doc.get("kind") == KIND and doc.get("apiVersion") == API_VERSION
-    )
+    """Anything of our API group: a typo in kind or version is a problem to report, since
+    ignoring the document would remove its tenant (and its data)."""
+    if not isinstance(doc, dict):
+        return False
+    api_version = doc.get("apiVersion")
+    return isinstance(api_version, str) and api_version.split("/")[0] == GROUP
 
 
 def _name_of(doc: dict[str, Any]) -> str | None:

@@ -44,6 +44,19 @@ def test_bad_manifest_is_reported_and_others_kept(tmp_path: Path) -> None:
     assert snap.broken_names == {"broken"}
 
 
+def test_a_typo_in_kind_or_version_is_a_problem_not_another_kind(tmp_path: Path) -> None:
+    """Ignored, such a manifest would remove its tenant; another group's Tenant is not ours."""
+    old_version = {**tenant_object("web"), "apiVersion": "bitbuilder.io/v1"}
+    typo = {**tenant_object("db"), "kind": "Tennant"}
+    capsule = {**tenant_object("team"), "apiVersion": "capsule.clastix.io/v1beta2"}
+    write(tmp_path / "t.yaml", old_version, typo, capsule)
+    snap = read_fleet(tmp_path, "r1")
+    assert snap.tenants == {} and snap.broken_names == {"web", "db"}
+    messages = [str(p) for p in snap.problems]
+    assert "apiVersion" in messages[0] and "bitbuilder.io/v1alpha1" in messages[0]
+    assert "kind" in messages[1] and len(messages) == 2
+
+
 def test_a_duplicated_name_applies_neither_manifest(tmp_path: Path) -> None:
     """A second file naming a running tenant must not take it over (by sorting first)."""
     write(tmp_path / "web.yaml", tenant_object("web"))
