@@ -406,6 +406,19 @@ class TestHost:
         self.destroy()
 
 
+def link_tmp(root: Path) -> None:
+    """Make the root's /tmp a symlink to /var/tmp, so paths bound under /tmp stay visible to
+    generators.
+
+    systemd (>= 254) runs generators in a mount namespace with a fresh tmpfs over /tmp, but
+    only when /tmp is a directory. A checkout bound under /tmp (a CI clone) would be hidden
+    there: the project's generator could not import the package and no tenant came back after
+    a reboot. nspawn follows the link: its tmpfs and the binds land under /var/tmp and show
+    at their own /tmp paths."""
+    (root / "tmp").rmdir()
+    (root / "tmp").symlink_to("var/tmp")
+
+
 def _assert_nothing_mounted_under(path: Path) -> None:
     text = Path("/proc/self/mountinfo").read_text()
     prefix = str(path.resolve())
@@ -427,6 +440,7 @@ def restored_root(workdir: Path | None = None) -> Iterator[Path]:
             ["tar", "--zstd", "--numeric-owner", "--xattrs", "-C", root, "-xpf", tarball],
             check=True,
         )
+        link_tmp(root)
         yield root
     finally:
         _assert_nothing_mounted_under(base)
