@@ -37,3 +37,23 @@ def test_binds_cover_the_interpreter_and_the_checkout() -> None:
     ]
     for path in needed:
         assert any(b == path or b in path.parents for b in binds), path
+
+
+def test_generators_can_import_the_project(testhost: TestHost) -> None:
+    """systemd runs generators with a private /tmp: a checkout bound under /tmp (a CI clone)
+    must still be importable there, or the project's generator restores nothing at boot."""
+    probe = "/etc/systemd/system-generators/bb-harness-probe"
+    script = (
+        f"#!{sys.executable} -I\n"
+        "import sys, pathlib, bitbuilder.hostshim.generator\n"
+        "pathlib.Path(sys.argv[1], 'bb-harness-probe').write_text('imported')\n"
+    )
+    testhost.enter("mkdir", "-p", str(Path(probe).parent))
+    testhost.enter("sh", "-c", f"cat > {probe} && chmod +x {probe}", input=script)
+    try:
+        testhost.enter("systemctl", "daemon-reload")
+        out = testhost.enter("cat", "/run/systemd/generator/bb-harness-probe", check=False)
+        assert out.stdout == "imported", out.stderr
+    finally:
+        testhost.enter("rm", "-f", probe)
+        testhost.enter("systemctl", "daemon-reload")
