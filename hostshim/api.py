@@ -139,6 +139,13 @@ def check_git_url(value: str) -> str:
         raise ValueError(f"git URL scheme {parts.scheme!r} is not allowed (use one of {allowed})")
     if parts.password is not None:
         raise ValueError("git URL must not carry a password: use a credentials secret")
+    # A token in the user part or the query would show in status and logs with the URL.
+    if parts.scheme in ("http", "https") and (parts.username is not None or parts.query):
+        raise ValueError(
+            "an http(s) git URL must not carry a user, token or query: use a credentials secret"
+        )
+    if parts.fragment:
+        raise ValueError("git URL must not have a '#fragment'")
     if parts.scheme == "file":
         if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
             raise ValueError("file:// URL must be an absolute local path")

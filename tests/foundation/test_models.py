@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from bitbuilder.operator.api import Tenant, TenantStatus
+from bitbuilder.operator.api import Tenant, TenantStatus, validation_message
 from tests.helpers.cel_rules import cel_violations
 from tests.helpers.kube_schema import ResourceType, admit
 
@@ -70,6 +70,28 @@ def test_crd_refuses_too(crd: Obj, schema: Obj, case: str) -> None:
     problems = result.errors + [f"{p}: pruned" for p in result.pruned]
     problems += cel_violations(schema, obj)
     assert any(field in problem for problem in problems), problems
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://ghp_secrettoken@git.example.com/web.git",
+        "https://git.example.com/web.git?access_token=secret",
+        "https://user:secret@git.example.com/web.git",
+        "https://git.example.com/web.git#main",
+    ],
+)
+def test_urls_that_would_leak_a_credential_are_refused(url: str) -> None:
+    with pytest.raises(ValidationError) as error:
+        Tenant.from_object(_broken("spec.source.url", url))
+    message = validation_message(error.value)  # what status and logs show
+    assert message.startswith("spec.source.url: "), message
+    assert "secret" not in message.replace("credentials secret", ""), message
+
+
+def test_ssh_urls_keep_their_user() -> None:
+    for url in ("ssh://git@git.example.com/web.git", "git@git.example.com:web.git"):
+        assert Tenant.from_object(_broken("spec.source.url", url)).spec.source is not None
 
 
 @pytest.mark.parametrize(
