@@ -14,7 +14,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import os
-import shutil
 import subprocess
 import threading
 import time
@@ -40,6 +39,7 @@ from bitbuilder.hostshim.runtime.nspawn import (
     init_ready,
     nspawn_argv,
 )
+from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
 from bitbuilder.hostshim.source import Checkout
 
 RECORD = "machine.json"
@@ -71,6 +71,15 @@ def _umount(path: Path) -> None:
     result = subprocess.run(["umount", str(path)], capture_output=True, text=True)
     if result.returncode != 0:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _remove(path: Path) -> None:
+    """Remove a run or data path; a mount still below it (an unmount that failed) is refused,
+    so a removal never deletes through it into the machine's or anyone's files."""
+    try:
+        remove_tree(path)
+    except UnsafePath as exc:
+        raise MachineError(str(exc), reason="MountBusy") from exc
 
 
 def check_spec(spec: MachineSpec) -> None:
@@ -237,15 +246,12 @@ class Runner:
                 for entry in paths.run.iterdir():
                     if entry.name == CONSOLE_LOG:
                         continue
-                    if entry.is_dir() and not entry.is_symlink():
-                        shutil.rmtree(entry)
-                    else:
-                        entry.unlink()
+                    _remove(entry)
 
     def remove_data(self, name: str) -> None:
         with self._lock(name):
             if self.executor.pid(name) is not None:
                 raise MachineError(f"machine {name!r} is running: stop it first", reason="Running")
             paths = TenantPaths(self.config, name)
-            shutil.rmtree(paths.data, ignore_errors=True)
-            shutil.rmtree(paths.run, ignore_errors=True)
+            _remove(paths.data)
+            _remove(paths.run)

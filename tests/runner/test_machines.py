@@ -231,3 +231,26 @@ def test_image_in_use_is_not_replaced(shim: Shim, busybox_rootfs: Path) -> None:
     assert shim.run_in(machine, "cat", "/etc/inittab").returncode == 0
     shim.runner.stop(machine.name)
     assert shim.images.put("busybox", ImageSpec(path=f"{busybox_rootfs}/.")) != before
+
+
+def test_stop_never_deletes_through_a_mount_left_below_the_run_dir(
+    shim: Shim, tmp_path: Path
+) -> None:
+    """An unmount that failed must not turn cleanup into deleting the mounted files."""
+    name = unique_name()
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "keep").write_text("data")
+    run = TenantPaths(shim.config, name).run
+    mountpoint = run / "root" / "x"
+    mountpoint.mkdir(parents=True)
+    subprocess.run(["mount", "--bind", str(precious), str(mountpoint)], check=True)
+    try:
+        with pytest.raises(MachineError) as error:
+            shim.runner.stop(name)
+        assert error.value.reason == "MountBusy"
+        assert (precious / "keep").read_text() == "data"
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+    shim.runner.stop(name)  # the mount gone, stop clears the run dir as usual
+    assert not (run / "root").exists()
