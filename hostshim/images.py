@@ -279,6 +279,10 @@ def _zstd_stream(path: Path) -> subprocess.Popen[bytes]:
     return subprocess.Popen(["zstd", "-dcq", "--", str(path)], stdout=subprocess.PIPE)
 
 
+# Our filter has already vetted the member; 3.12+ warns when no filter is named.
+_TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
+
+
 def _extract(tar: tarfile.TarFile, dest: Path) -> None:
     """Every member through _MemberFilter, whether or not this Python has extraction filters
     (3.11.4+; Debian 12's 3.11.2 has none, so the filter is applied member by member)."""
@@ -287,10 +291,6 @@ def _extract(tar: tarfile.TarFile, dest: Path) -> None:
         kept = keep(member, str(dest))
         if kept is not None:
             tar.extract(kept, dest, numeric_owner=True, **_TRUSTED)
-
-
-# Our filter has already vetted the member; 3.12+ warns when no filter is named.
-_TRUSTED: dict[str, Any] = {"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}
 
 
 def unpack_tarball(tarball: Path, dest: Path) -> None:
