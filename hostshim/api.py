@@ -106,7 +106,9 @@ _QUANTITY_SUFFIX: dict[str, Decimal] = {
 
 def parse_quantity(value: str | int) -> Decimal:
     """The value of a Kubernetes quantity ("500m", "2", "512Mi", "1e3")."""
-    text = str(value).strip()
+    # No strip(): the API server matches the CRD pattern against the raw string, so ' 1' or
+    # '0\r' must be refused here too, or the models and the server disagree.
+    text = str(value)
     match = re.fullmatch(QUANTITY_PATTERN, text)
     if not match:
         raise ValueError(f"invalid quantity {value!r}: expected e.g. '500m', '2', '512Mi', '1Gi'")

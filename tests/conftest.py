@@ -2,11 +2,29 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers.rootfs import cached_busybox_rootfs
+
+# A failing property test prints the @reproduce_failure blob beside the seed below.
+settings.register_profile("bitbuilder", print_blob=True)
+settings.load_profile("bitbuilder")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config: pytest.Config) -> None:
+    """Every run has a known hypothesis seed (random unless given), so a failure can be replayed."""
+    if config.getoption("hypothesis_seed", None) is None:
+        config.option.hypothesis_seed = str(random.SystemRandom().randrange(2**32))
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = config.getoption("hypothesis_seed")
+    return f"hypothesis seed: {seed} (replay a run with: --hypothesis-seed={seed})"
 
 
 @pytest.fixture(scope="session")
