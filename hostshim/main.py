@@ -23,14 +23,14 @@ from bitbuilder.hostshim.config import (
     DEFAULT_STATE_DIR,
     ShimConfig,
 )
-from bitbuilder.hostshim.executor import select_executor
-from bitbuilder.hostshim.images import ImageStore
-from bitbuilder.hostshim.layout import load_layout
-from bitbuilder.hostshim.machines import MachineManager, SourceLike
+from bitbuilder.hostshim.images.store import ImageStore
+from bitbuilder.hostshim.machine.executor import select_executor
+from bitbuilder.hostshim.machine.manager import MachineManager, SourceLike
+from bitbuilder.hostshim.machine.runner import Runner
 from bitbuilder.hostshim.paths import TenantPaths
-from bitbuilder.hostshim.runner import Runner
-from bitbuilder.hostshim.server import serve
-from bitbuilder.hostshim.source import GitSource
+from bitbuilder.hostshim.server.app import serve
+from bitbuilder.hostshim.source.git import GitSource
+from bitbuilder.hostshim.source.layout import load_layout
 from bitbuilder.hostshim.systemd.activation import listen_socket
 
 log = logging.getLogger("bitbuilder.hostshim")

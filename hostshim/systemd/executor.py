@@ -55,7 +55,7 @@ def registered_argv(name: str, argv: list[str]) -> list[str]:
 
 
 class SystemdExecutor:
-    """The Executor protocol (see hostshim/executor.py) over systemd units."""
+    """The Executor protocol (see hostshim/machine/executor.py) over systemd units."""
 
     def __init__(self, stop_timeout: float = 30.0) -> None:
         self.stop_timeout = stop_timeout

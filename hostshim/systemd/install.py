@@ -37,7 +37,7 @@ def generator_script(state_dir: Path) -> str:
     return (
         f"#!{sys.executable} -I\n"
         "from pathlib import Path\n"
-        "from bitbuilder.hostshim.generator import main\n"
+        "from bitbuilder.hostshim.systemd.generator import main\n"
         f"raise SystemExit(main(state_dir=Path({str(state_dir)!r})))\n"
     )
 

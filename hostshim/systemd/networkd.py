@@ -1,7 +1,7 @@
 """systemd-networkd and the tenant links: the shim owns them, networkd keeps its hands off.
 
 Each tenant's host-side veth is created, addressed (a /30 from the shim's pool) and filtered
-(nftables: nothing between tenants, the host only when the spec allows) by hostshim/network.py,
+(nftables: nothing between tenants, the host only when the spec allows) by hostshim/machine/network.py,
 identically on every host. What networkd must not do is take such a link over: a catch-all
 .network on the host (`Name=*` with DHCP, common on servers) would otherwise flush the shim's
 addresses and run a DHCP client towards the tenant. So the shim installs one .network file,

@@ -16,13 +16,13 @@ from pathlib import Path
 
 from bitbuilder.hostshim.config import DEFAULT_RUNTIME_DIR, DEFAULT_STATE_DIR, ShimConfig
 from bitbuilder.hostshim.errors import ShimError
-from bitbuilder.hostshim.executor import select_executor
-from bitbuilder.hostshim.images import ImageStore
-from bitbuilder.hostshim.layout import load_layout
+from bitbuilder.hostshim.images.store import ImageStore
+from bitbuilder.hostshim.machine.executor import select_executor
+from bitbuilder.hostshim.machine.runner import Runner
 from bitbuilder.hostshim.paths import TenantPaths, checked_name
-from bitbuilder.hostshim.runner import Runner
-from bitbuilder.hostshim.source import Checkout
-from bitbuilder.hostshim.state import Intent, StateStore
+from bitbuilder.hostshim.source.git import Checkout
+from bitbuilder.hostshim.source.layout import load_layout
+from bitbuilder.hostshim.state.store import Intent, StateStore
 
 log = logging.getLogger("bitbuilder.hostshim.restore")
 

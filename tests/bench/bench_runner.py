@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 from bitbuilder.hostshim.api import MachineSpec
-from bitbuilder.hostshim.runtime.nspawn import InitKind, init_ready
+from bitbuilder.hostshim.machine.runtime.nspawn import InitKind, init_ready
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, make_shim

@@ -5,7 +5,7 @@ from __future__ import annotations
 import fcntl
 from pathlib import Path
 
-from bitbuilder.hostshim.busybox import build_busybox_rootfs
+from bitbuilder.hostshim.images.busybox import build_busybox_rootfs
 
 ROOTFS_NAME = "busybox-rootfs"
 

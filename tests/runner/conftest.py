@@ -19,13 +19,13 @@ from typing import Any
 import pytest
 
 from bitbuilder.hostshim.api import ImageSpec, MachineSpec
-from bitbuilder.hostshim.cgroups import MachineCgroups
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.executor import DirectExecutor, in_cgroups, shim_scope
-from bitbuilder.hostshim.images import ImageStore
-from bitbuilder.hostshim.network import link_name
-from bitbuilder.hostshim.runner import Runner, RunningMachine
-from bitbuilder.hostshim.source import Checkout
+from bitbuilder.hostshim.images.store import ImageStore
+from bitbuilder.hostshim.machine.cgroups import MachineCgroups
+from bitbuilder.hostshim.machine.executor import DirectExecutor, in_cgroups, shim_scope
+from bitbuilder.hostshim.machine.network import link_name
+from bitbuilder.hostshim.machine.runner import Runner, RunningMachine
+from bitbuilder.hostshim.source.git import Checkout
 from tests.helpers.needs import needs_root_and
 from tests.helpers.wait import wait_for
 

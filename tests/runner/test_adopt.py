@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bitbuilder.hostshim.api import ResourceLimits
-from bitbuilder.hostshim.executor import RECORD, DirectExecutor, argv_hash
+from bitbuilder.hostshim.machine.executor import RECORD, DirectExecutor, argv_hash
 from bitbuilder.hostshim.paths import TenantPaths
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import (

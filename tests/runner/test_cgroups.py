@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from bitbuilder.hostshim import cgroups
 from bitbuilder.hostshim.api import ResourceLimits
 from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.machine import cgroups
 
 LIMITS = ResourceLimits(cpu_millis=250, memory_bytes=64 * 2**20, tasks=32)
 

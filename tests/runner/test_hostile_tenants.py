@@ -17,12 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from bitbuilder.hostshim import executor as executor_module
 from bitbuilder.hostshim.api import ImageSpec, MachineSpec
 from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.machine import executor as executor_module
+from bitbuilder.hostshim.machine.runner import RunningMachine
 from bitbuilder.hostshim.paths import TenantPaths
-from bitbuilder.hostshim.runner import RunningMachine
-from bitbuilder.hostshim.source import Checkout, GitSource
+from bitbuilder.hostshim.source.git import Checkout, GitSource
 from tests.helpers.gitserve import Link, TenantRepo
 from tests.helpers.treesnap import tree_snapshot
 from tests.helpers.wait import wait_for

@@ -17,7 +17,7 @@ import pytest
 
 from bitbuilder.hostshim.api import ImageSpec
 from bitbuilder.hostshim.errors import ImageError
-from bitbuilder.hostshim.images import ImageStore
+from bitbuilder.hostshim.images.store import ImageStore
 from tests.runner.conftest import runner_config
 
 Member = Callable[[tarfile.TarFile], None]

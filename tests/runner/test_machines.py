@@ -14,12 +14,12 @@ import pytest
 
 from bitbuilder.hostshim.api import ImageSpec
 from bitbuilder.hostshim.errors import ImageError, MachineError
-from bitbuilder.hostshim.executor import shim_scope
-from bitbuilder.hostshim.layout import Layout, RepoSettings
-from bitbuilder.hostshim.network import link_name
+from bitbuilder.hostshim.machine.executor import shim_scope
+from bitbuilder.hostshim.machine.network import link_name
+from bitbuilder.hostshim.machine.runner import RunningMachine
 from bitbuilder.hostshim.paths import TenantPaths
-from bitbuilder.hostshim.runner import RunningMachine
-from bitbuilder.hostshim.source import Checkout
+from bitbuilder.hostshim.source.git import Checkout
+from bitbuilder.hostshim.source.layout import Layout, RepoSettings
 from bitbuilder.operator.demohost import free_port
 from tests.helpers.treesnap import tree_snapshot
 from tests.helpers.wait import wait_for

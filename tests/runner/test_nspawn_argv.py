@@ -9,8 +9,13 @@ from typing import Any
 import pytest
 
 from bitbuilder.hostshim.errors import MachineError
-from bitbuilder.hostshim.layers import build_units_layer, tree_layers
-from bitbuilder.hostshim.runtime.nspawn import InitKind, NspawnMachine, detect_init, nspawn_argv
+from bitbuilder.hostshim.machine.layers import build_units_layer, tree_layers
+from bitbuilder.hostshim.machine.runtime.nspawn import (
+    InitKind,
+    NspawnMachine,
+    detect_init,
+    nspawn_argv,
+)
 
 
 def machine(**overrides: Any) -> NspawnMachine:

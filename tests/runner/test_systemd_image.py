@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from bitbuilder.hostshim.api import ImageSpec
-from bitbuilder.hostshim.executor import DirectExecutor
-from bitbuilder.hostshim.images import ImageStore
-from bitbuilder.hostshim.layout import Layout, RepoSettings
-from bitbuilder.hostshim.runner import Runner
-from bitbuilder.hostshim.source import Checkout
+from bitbuilder.hostshim.images.store import ImageStore
+from bitbuilder.hostshim.machine.executor import DirectExecutor
+from bitbuilder.hostshim.machine.runner import Runner
+from bitbuilder.hostshim.source.git import Checkout
+from bitbuilder.hostshim.source.layout import Layout, RepoSettings
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, needs_nspawn, runner_config, stop_all, unique_name
 from tests.system.testhost import tarball_path

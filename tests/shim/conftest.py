@@ -11,7 +11,7 @@ import pytest
 
 from bitbuilder.hostshim.api import ImageSpec, MachineStatus
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.machines import MachineManager
+from bitbuilder.hostshim.machine.manager import MachineManager
 from bitbuilder.hostshim.main import build_manager
 from bitbuilder.hostshim.paths import TenantPaths
 from tests.shim.fakes import (

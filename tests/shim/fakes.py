@@ -1,6 +1,6 @@
 """In-memory stand-ins for the git source, the runner and the image store (fast API tests).
 
-They satisfy the manager's protocols (SourceLike, RunnerLike, ImagesLike in hostshim/machines.py)
+They satisfy the manager's protocols (SourceLike, RunnerLike, ImagesLike in hostshim/machine/manager.py)
 and record calls so tests can assert what the manager did — and did not — do.
 """
 
@@ -16,9 +16,9 @@ from pathlib import Path
 
 from bitbuilder.hostshim.api import ImageSpec, ImageStatus, MachineSpec
 from bitbuilder.hostshim.errors import ImageError, LayoutError, MachineError, SourceError
-from bitbuilder.hostshim.layout import Layout, RepoSettings
 from bitbuilder.hostshim.paths import TenantPaths
-from bitbuilder.hostshim.source import Checkout
+from bitbuilder.hostshim.source.git import Checkout
+from bitbuilder.hostshim.source.layout import Layout, RepoSettings
 from tests.helpers.fakeshim import image_status
 
 

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.machines import MachineManager
-from bitbuilder.hostshim.server import serve
+from bitbuilder.hostshim.machine.manager import MachineManager
+from bitbuilder.hostshim.server.app import serve
 from tests.helpers.wait import wait_for
 
 JSON = "application/json"

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from bitbuilder.hostshim.api import ImageSpec, MachineSpec
-from bitbuilder.hostshim.source import Checkout
+from bitbuilder.hostshim.source.git import Checkout
 from tests.shim.conftest import REPO_URL, FakeShim, machine_spec, status
 from tests.shim.fakes import FakeMachine, commit_id
 

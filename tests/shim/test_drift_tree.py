@@ -9,9 +9,9 @@ from pathlib import Path
 import pygit2
 import pytest
 
-from bitbuilder.hostshim import drift
-from bitbuilder.hostshim.checkout import write_tree
-from bitbuilder.hostshim.drift import TreeVerifier, tree_differences
+from bitbuilder.hostshim.machine import drift
+from bitbuilder.hostshim.machine.drift import TreeVerifier, tree_differences
+from bitbuilder.hostshim.source.checkout import write_tree
 from tests.helpers.gitserve import Content, Link, TenantRepo
 
 FILES: dict[str, Content] = {

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bitbuilder.hostshim.api import MachineSpec, MachineStatus
-from bitbuilder.hostshim.state import Intent, StateStore, TenantState, machine_hash
+from bitbuilder.hostshim.state.store import Intent, StateStore, TenantState, machine_hash
 from tests.helpers.wait import wait_for
 from tests.shim.conftest import REPO_URL, FakeShim, machine_spec, serving_fake_shim, status
 from tests.shim.fakes import FakeSource, commit_id

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from bitbuilder.hostshim.api import MachineSpec
-from bitbuilder.hostshim.state import (
+from bitbuilder.hostshim.state.store import (
     HISTORY_LENGTH,
     StateError,
     StateStore,

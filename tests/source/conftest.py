@@ -17,7 +17,7 @@ import pytest
 from bitbuilder.hostshim.api import GitCredentials, MachineSpec
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.paths import TenantPaths
-from bitbuilder.hostshim.source import GitSource
+from bitbuilder.hostshim.source.git import GitSource
 from tests.helpers.gitserve import Server, TenantRepo, git_daemon, http_server, sshd
 
 BASIC_LAYOUT: dict[str, Any] = {

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bitbuilder.hostshim import layout as layout_module
 from bitbuilder.hostshim.api import MachineSpec
 from bitbuilder.hostshim.errors import LayoutError
-from bitbuilder.hostshim.layout import load_layout
+from bitbuilder.hostshim.source import layout as layout_module
+from bitbuilder.hostshim.source.layout import load_layout
 from tests.helpers.gitserve import Content, Link, TenantRepo
 from tests.helpers.gitserve import write_files as build
 from tests.source.conftest import BASIC_LAYOUT, make_spec
@@ -276,7 +276,7 @@ def test_hostile_symlinks_through_git_stay_links(tmp_path: Path) -> None:
     """Via a real sync: the checkout stores links as links; the layout refuses linked units."""
     from bitbuilder.hostshim.config import ShimConfig
     from bitbuilder.hostshim.paths import TenantPaths
-    from bitbuilder.hostshim.source import GitSource
+    from bitbuilder.hostshim.source.git import GitSource
 
     served = tmp_path / "served"
     repo = TenantRepo(served)

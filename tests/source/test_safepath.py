@@ -12,8 +12,8 @@ import pytest
 from pygit2.enums import ObjectType
 
 from bitbuilder.hostshim import safepath
-from bitbuilder.hostshim.checkout import write_tree
 from bitbuilder.hostshim.errors import LayoutError
+from bitbuilder.hostshim.source.checkout import write_tree
 
 
 @pytest.fixture

@@ -12,8 +12,8 @@ import pytest
 from bitbuilder.hostshim.api import VerifySpec
 from bitbuilder.hostshim.errors import SourceError
 from bitbuilder.hostshim.paths import TenantPaths
-from bitbuilder.hostshim.signing import verify_commit
-from bitbuilder.hostshim.source import GitSource
+from bitbuilder.hostshim.source.git import GitSource
+from bitbuilder.hostshim.source.signing import verify_commit
 from tests.helpers.gitserve import Signer, TenantRepo, gpg_signer, ssh_signer
 from tests.source.conftest import BASIC_LAYOUT, Remote
 

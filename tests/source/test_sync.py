@@ -14,12 +14,12 @@ from pathlib import Path
 import pygit2
 import pytest
 
-from bitbuilder.hostshim import source as source_module
 from bitbuilder.hostshim.api import GitCredentials
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import LayoutError, SourceError
 from bitbuilder.hostshim.paths import ImagePaths, TenantPaths
-from bitbuilder.hostshim.source import GitSource
+from bitbuilder.hostshim.source import git as source_module
+from bitbuilder.hostshim.source.git import GitSource
 from tests.helpers.gitserve import Link, TenantRepo, closed_port, git, ssh_keygen, write_files
 from tests.source.conftest import BASIC_LAYOUT, Remote, make_spec, serve
 

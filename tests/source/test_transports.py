@@ -10,7 +10,7 @@ import pytest
 from bitbuilder.hostshim.api import GitCredentials
 from bitbuilder.hostshim.errors import SourceError
 from bitbuilder.hostshim.paths import TenantPaths
-from bitbuilder.hostshim.source import GitSource
+from bitbuilder.hostshim.source.git import GitSource
 from tests.helpers.gitserve import TenantRepo, http_server, self_signed_cert
 from tests.source.conftest import BASIC_LAYOUT, Remote, make_spec
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from bitbuilder.hostshim.api import ExtensionType
-from bitbuilder.hostshim.extrelease import incompatibility, parse_os_release
+from bitbuilder.hostshim.source.extrelease import incompatibility, parse_os_release
 from tests.system.testhost import TestHost
 
 SYS, CONF = ExtensionType.sysext, ExtensionType.confext

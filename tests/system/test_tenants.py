@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from bitbuilder.hostshim.busybox import build_busybox_rootfs
+from bitbuilder.hostshim.images.busybox import build_busybox_rootfs
 from tests.helpers.gitserve import git
 from tests.helpers.wait import wait_for
 from tests.system.shimapi import call, ok

@@ -45,7 +45,7 @@ def test_generators_can_import_the_project(testhost: TestHost) -> None:
     probe = "/etc/systemd/system-generators/bb-harness-probe"
     script = (
         f"#!{sys.executable} -I\n"
-        "import sys, pathlib, bitbuilder.hostshim.generator\n"
+        "import sys, pathlib, bitbuilder.hostshim.systemd.generator\n"
         "pathlib.Path(sys.argv[1], 'bb-harness-probe').write_text('imported')\n"
     )
     testhost.enter("mkdir", "-p", str(Path(probe).parent))

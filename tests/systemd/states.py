@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bitbuilder.hostshim.api import MachineSpec
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.state import (
+from bitbuilder.hostshim.state.store import (
     AppliedState,
     Intent,
     StateStore,

@@ -7,7 +7,7 @@ import fnmatch
 import pytest
 
 from bitbuilder.hostshim.api import ResourceLimits
-from bitbuilder.hostshim.network import link_name
+from bitbuilder.hostshim.machine.network import link_name
 from bitbuilder.hostshim.systemd.executor import limit_properties, registered_argv, unit_name
 from bitbuilder.hostshim.systemd.networkd import LINK_PATTERN
 

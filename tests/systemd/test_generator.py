@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from bitbuilder.hostshim.generator import generate, main, template_path
-from bitbuilder.hostshim.state import Intent
+from bitbuilder.hostshim.state.store import Intent
+from bitbuilder.hostshim.systemd.generator import generate, main, template_path
 from tests.systemd.states import save, wanted
 
 

@@ -22,9 +22,10 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from bitbuilder.hostshim import extrelease, safepath
+from bitbuilder.hostshim import safepath
 from bitbuilder.hostshim.api import DNS1123_LABEL_PATTERN, ExtensionType, MachineSpec
 from bitbuilder.hostshim.errors import LayoutError
+from bitbuilder.hostshim.source import extrelease
 
 MAX_TREE_BYTES = 256 * 2**20
 MAX_ENTRIES = 20_000

@@ -13,7 +13,7 @@ os-release; tests/system checks every rule here against the real tools in the te
 - when both declare SYSEXT_LEVEL= (CONFEXT_LEVEL= for confext) the levels must be equal;
   otherwise, if the OS has a VERSION_ID=, the extension's must equal it.
 
-Pure functions over parsed os-release files: the layout check (layout.py) and the systemd
+Pure functions over parsed os-release files: the layout check (source/layout.py) and the systemd
 host share them.
 """
 

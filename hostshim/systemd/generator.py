@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bitbuilder.hostshim.config import DEFAULT_STATE_DIR, ShimConfig
-from bitbuilder.hostshim.state import Intent, StateError, StateStore
+from bitbuilder.hostshim.state.store import Intent, StateError, StateStore
 
 TEMPLATE = "setup-tenant@.service"
 WANTED_BY = "multi-user.target"

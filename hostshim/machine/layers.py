@@ -14,7 +14,7 @@ import stat
 from pathlib import Path
 
 from bitbuilder.hostshim.errors import MachineError
-from bitbuilder.hostshim.layout import Layout
+from bitbuilder.hostshim.source.layout import Layout
 
 _TARGET = re.compile(r"^[A-Za-z0-9_.@-]{1,240}\.target$")
 

@@ -37,8 +37,8 @@ from bitbuilder.hostshim.api import (
 )
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import ShimError
-from bitbuilder.hostshim.machines import MachineManager
-from bitbuilder.hostshim.openapi import openapi_document
+from bitbuilder.hostshim.machine.manager import MachineManager
+from bitbuilder.hostshim.server.openapi import openapi_document
 
 log = logging.getLogger(__name__)
 

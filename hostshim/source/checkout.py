@@ -17,7 +17,7 @@ from pygit2.enums import FileMode
 
 from bitbuilder.hostshim import safepath
 from bitbuilder.hostshim.errors import LayoutError
-from bitbuilder.hostshim.layout import MAX_ENTRIES, MAX_TREE_BYTES
+from bitbuilder.hostshim.source.layout import MAX_ENTRIES, MAX_TREE_BYTES
 
 _FILE_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # What a crafted tree can make the filesystem refuse: a name or link target too long, an

@@ -25,12 +25,11 @@ from pathlib import Path
 from bitbuilder.hostshim.api import MachineSpec, NetworkMode, Runtime
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
-from bitbuilder.hostshim.executor import Executor, shim_scope
-from bitbuilder.hostshim.images import ImageStore
-from bitbuilder.hostshim.layers import machine_layers
-from bitbuilder.hostshim.network import Link, configure_link, prepare_link, teardown_link
-from bitbuilder.hostshim.paths import TenantPaths
-from bitbuilder.hostshim.runtime.nspawn import (
+from bitbuilder.hostshim.images.store import ImageStore
+from bitbuilder.hostshim.machine.executor import Executor, shim_scope
+from bitbuilder.hostshim.machine.layers import machine_layers
+from bitbuilder.hostshim.machine.network import Link, configure_link, prepare_link, teardown_link
+from bitbuilder.hostshim.machine.runtime.nspawn import (
     InitKind,
     NspawnMachine,
     check_path,
@@ -39,8 +38,9 @@ from bitbuilder.hostshim.runtime.nspawn import (
     init_ready,
     nspawn_argv,
 )
+from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
-from bitbuilder.hostshim.source import Checkout
+from bitbuilder.hostshim.source.git import Checkout
 
 RECORD = "machine.json"
 CONSOLE_LOG = "console.log"

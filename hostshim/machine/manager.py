@@ -1,6 +1,6 @@
 """Desired -> applied for every tenant: idempotent, resumable, one tenant at a time.
 
-The manager owns the state files and drives the git source (source.py) and the machine runner
+The manager owns the state files and drives the git source (source/git.py) and the machine runner
 (runner.py). A tenant's lock serialises everything that changes it; status reads never wait for a lock.
 A source or layout problem never stops a machine: the last good revision keeps running and
 the problem is reported in status. A new revision is fetched and validated before the old
@@ -31,13 +31,13 @@ from bitbuilder.hostshim.api import (
     MachineStatus,
 )
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.drift import TreeVerifier
 from bitbuilder.hostshim.errors import Conflict, MachineError, NotFound, ShimError, SourceError
-from bitbuilder.hostshim.layout import Layout
+from bitbuilder.hostshim.machine.drift import TreeVerifier
+from bitbuilder.hostshim.machine.runner import check_spec
 from bitbuilder.hostshim.paths import TenantPaths, checked_name
-from bitbuilder.hostshim.runner import check_spec
-from bitbuilder.hostshim.source import Checkout
-from bitbuilder.hostshim.state import (
+from bitbuilder.hostshim.source.git import Checkout
+from bitbuilder.hostshim.source.layout import Layout
+from bitbuilder.hostshim.state.store import (
     AppliedState,
     Intent,
     StateError,

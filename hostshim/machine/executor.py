@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Protocol
 
 from bitbuilder.hostshim.api import ResourceLimits
-from bitbuilder.hostshim.cgroups import MachineCgroups, create_cgroups, signal_pid
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.machine.cgroups import MachineCgroups, create_cgroups, signal_pid
 from bitbuilder.hostshim.paths import TenantPaths
 
 RECORD = "executor.json"

@@ -22,12 +22,13 @@ from urllib.parse import unquote, urlsplit
 
 import pygit2
 
-from bitbuilder.hostshim import checkout, credentials, extrelease, safepath, signing
+from bitbuilder.hostshim import safepath
 from bitbuilder.hostshim.api import GitCredentials, GitRef, MachineSpec, SourceSpec
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import SourceError
-from bitbuilder.hostshim.layout import Layout, load_layout
 from bitbuilder.hostshim.paths import ImagePaths, TenantPaths
+from bitbuilder.hostshim.source import checkout, credentials, extrelease, signing
+from bitbuilder.hostshim.source.layout import Layout, load_layout
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
