@@ -30,6 +30,7 @@ from bitbuilder.hostshim.api import (
     NetworkSpec,
     RepoPath,
     RepoSetting,
+    ResourceLimits,
     Runtime,
     Sha256Hex,
     WireModel,
@@ -141,9 +142,47 @@ class TenantResources(WireModel):
     def disk_bytes(self) -> int | None:
         return _whole(self.disk)
 
+    @model_validator(mode="after")
+    def _within_the_shims_bounds(self) -> TenantResources:
+        # The bounds are the shim's (ResourceLimits); checked here so that the refusal names
+        # the Tenant's field and unit, not the shim's memory_bytes.
+        for field, value, unit in (
+            ("cpu", self.cpu_millis(), "m"),
+            ("memory", self.memory_bytes(), "bytes"),
+            ("disk", self.disk_bytes(), "bytes"),
+        ):
+            low, high = _bounds(f"{field}_{'millis' if unit == 'm' else unit}")
+            if value is not None and not low <= value <= high:
+                shown = _show_millis if unit == "m" else _show_bytes
+                raise ValueError(
+                    f"resources.{field} {getattr(self, field)!r} is out of range: "
+                    f"give {shown(low)} to {shown(high)}"
+                )
+        return self
+
 
 def _whole(value: str | int | None) -> int | None:
     return None if value is None else int(parse_quantity(value).to_integral_value())
+
+
+def _bounds(field: str) -> tuple[int, int]:
+    low = high = None
+    for rule in ResourceLimits.model_fields[field].metadata:
+        low = getattr(rule, "ge", low)
+        high = getattr(rule, "le", high)
+    assert isinstance(low, int) and isinstance(high, int), field
+    return low, high
+
+
+def _show_millis(millis: int) -> str:
+    return f"{millis}m"
+
+
+def _show_bytes(size: int) -> str:
+    for suffix, power in (("Pi", 50), ("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)):
+        if size % 2**power == 0:
+            return f"{size // 2**power}{suffix}"
+    return str(size)
 
 
 class TenantSpec(WireModel):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -38,6 +39,7 @@ from bitbuilder.operator.reconcile import (
     reconcile,
 )
 from bitbuilder.operator.shimclient import ShimClient, ShimError
+from bitbuilder.operator.status import invalid_spec_status
 from bitbuilder.operator.translate import SecretResolver
 
 KOPF_ANNOTATION_PREFIX = "kopf.bitbuilder.io"
@@ -81,6 +83,7 @@ class Driver:
                 message = validation_message(exc)
                 kopf.event(body, type="Warning", reason="InvalidSpec", message=message)
                 logger.error(f"invalid Tenant: {message}")
+                await self.status.write(name, invalid_status(body, message))
                 return
             previous = self.last.get(name, tenant.status)
 
@@ -163,6 +166,16 @@ class Driver:
         self.locks.pop(name, None)
         self.schedules.pop(name, None)
         self.last.pop(name, None)
+
+
+def invalid_status(body: kopf.Body, message: str) -> TenantStatus:
+    """Stalled/InvalidSpec on top of the last status (which may itself be unreadable)."""
+    try:
+        previous = TenantStatus.model_validate(body.get("status") or {})
+    except ValidationError:
+        previous = TenantStatus()
+    generation = body["metadata"].get("generation")
+    return invalid_spec_status(previous, message, generation, datetime.now(UTC))
 
 
 def configure(settings: kopf.OperatorSettings, **_: Any) -> None:

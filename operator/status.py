@@ -296,6 +296,31 @@ def compute_status(obs: Observation, previous: TenantStatus | None) -> TenantSta
     )
 
 
+def invalid_spec_status(
+    previous: TenantStatus, message: str, generation: int | None, now: datetime
+) -> TenantStatus:
+    """A Tenant the API server took but the models refuse: Stalled until someone fixes it.
+    The machine is not touched (it keeps running its last good spec), so its phase, source
+    and machine fields stay as they were."""
+    invalid = Verdict("True", "InvalidSpec", message)
+    verdicts = {
+        "Ready": Verdict("False", "InvalidSpec", message),
+        "Reconciling": Verdict("False", "InvalidSpec", "waiting for a valid spec"),
+        "Stalled": invalid,
+    }
+    kept = [c for c in previous.conditions if c.type not in verdicts]
+    return previous.model_copy(
+        update={
+            "phase": previous.phase or TenantPhase.failed,
+            "observed_generation": generation,
+            "conditions": [
+                set_condition(previous, t, v, now, generation) for t, v in verdicts.items()
+            ]
+            + kept,
+        }
+    )
+
+
 def _prev_source(previous: TenantStatus) -> SourceStatus:
     return previous.source or SourceStatus()
 

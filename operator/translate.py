@@ -22,7 +22,7 @@ from bitbuilder.hostshim.api import (
     SourceSpec,
     VerifySpec,
 )
-from bitbuilder.operator.api import Tenant, TenantSource, validation_message
+from bitbuilder.operator.api import Tenant, TenantSource
 
 SecretData = Mapping[str, bytes]
 
@@ -167,17 +167,13 @@ def source_spec(source: TenantSource, secrets: TenantSecrets) -> SourceSpec:
 
 
 def resource_limits(tenant: Tenant) -> ResourceLimits:
-    res = tenant.spec.resources
-    try:
-        return ResourceLimits(
-            cpu_millis=res.cpu_millis(),
-            memory_bytes=res.memory_bytes(),
-            tasks=res.tasks,
-            disk_bytes=res.disk_bytes(),
-        )
-    except ValidationError as exc:
-        problems = validation_message(exc)
-        raise TranslateError("InvalidResources", f"resources out of range: {problems}") from None
+    res = tenant.spec.resources  # within ResourceLimits' bounds: TenantResources checks them
+    return ResourceLimits(
+        cpu_millis=res.cpu_millis(),
+        memory_bytes=res.memory_bytes(),
+        tasks=res.tasks,
+        disk_bytes=res.disk_bytes(),
+    )
 
 
 def to_machine_spec(tenant: Tenant, secrets: TenantSecrets | None = None) -> MachineSpec:

@@ -147,3 +147,27 @@ def test_secret_refs_are_read_from_the_operator_namespace(
 
 def b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode()
+
+
+def test_a_tenant_the_crd_takes_but_the_models_refuse_is_stalled_in_status(
+    api: EmulatorThread, kube: Kube, shim: FakeShimServer
+) -> None:
+    """'1Mi' matches the CRD's quantity pattern, but is below the shim's memory minimum: the
+    Tenant gets Stalled/InvalidSpec naming its own field (it used to get only an Event)."""
+    shim.fake.heads["web"] = SHA_A
+    with operator_thread(api.url, shim.fake.socket):
+        kube.ok("POST", TENANTS, tenant(resources={"memory": "1Mi"}))
+        stalled = wait_for(lambda: stalled_tenant(kube, "web"), what="web Stalled")
+        cond = condition(stalled, "Stalled")
+        assert cond["reason"] == "InvalidSpec"
+        assert "resources.memory '1Mi' is out of range: give 16Mi to 1Pi" in cond["message"]
+        assert condition(stalled, "Ready")["status"] == "False"
+        assert stalled["status"]["observedGeneration"] == 1
+        assert "web" not in shim.fake.specs  # nothing reached the host
+
+        kube.merge(f"{TENANTS}/web", {"spec": {"resources": {"memory": "64Mi"}}})
+        running = wait_for(
+            lambda: status_where(kube, "web", phase="Running", observedGeneration=2),
+            what="web Running once fixed",
+        )
+        assert condition(running, "Stalled").get("status") != "True"

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from bitbuilder.hostshim.api import MachineSpec
+from bitbuilder.operator.api import validation_message
 from bitbuilder.operator.translate import (
     FileSecrets,
     SecretNotFound,
@@ -85,11 +87,24 @@ def test_cpu_millis_round_trip(millis: int) -> None:
     assert Decimal(limits.cpu_millis) / 1000 == Decimal(millis) / 1000
 
 
-@pytest.mark.parametrize("resources", [{"cpu": "1m"}, {"memory": "1Mi"}, {"disk": "1Mi"}])
-def test_out_of_range_resources_are_a_translate_error(resources: dict[str, str]) -> None:
-    with pytest.raises(TranslateError) as err:
-        to_machine_spec(make_tenant(resources=resources))
-    assert err.value.reason == "InvalidResources"
+@pytest.mark.parametrize(
+    ("resources", "message"),
+    [
+        ({"cpu": "1m"}, "resources.cpu '1m' is out of range: give 10m to 1024000m"),
+        ({"memory": "1Mi"}, "resources.memory '1Mi' is out of range: give 16Mi to 1Pi"),
+        ({"disk": "1Mi"}, "resources.disk '1Mi' is out of range: give 64Mi to 1Pi"),
+        ({"memory": "2Pi"}, "resources.memory '2Pi' is out of range: give 16Mi to 1Pi"),
+    ],
+)
+def test_out_of_range_resources_are_refused_in_the_tenants_own_terms(
+    resources: dict[str, str], message: str
+) -> None:
+    """Refused by the Tenant model with the user's field and units, never the shim's
+    memory_bytes (it used to surface as 'SourceReady Unknown' with internal names)."""
+    with pytest.raises(ValidationError) as err:
+        make_tenant(resources=resources)
+    text = validation_message(err.value)
+    assert message in text and "_bytes" not in text and "_millis" not in text
 
 
 def test_basic_auth_credentials_reach_only_the_request_body() -> None:
