@@ -40,6 +40,7 @@ from bitbuilder.operator.demohost import (
 from bitbuilder.operator.get import render
 from bitbuilder.operator.localstate import LocalState, utcnow
 from bitbuilder.operator.shimclient import ShimClient
+from bitbuilder.operator.status import blocking_problem
 from bitbuilder.operator.webhook import sign
 
 # Distinct names: on a systemd host machine units and machined names are host-wide.
@@ -218,6 +219,9 @@ class Demo:
                 record = self.state.load(name)
                 status = record.status if record else None
                 phase = status.phase.value if status and status.phase else "Pending"
+                problem = blocking_problem(status)
+                if problem is not None:  # it will not get there: say why now, not at the timeout
+                    raise DemoError(f"{name} is {phase} ({problem}) while waiting for {what}")
                 at = status.applied_revision or "" if status else ""
                 ok = phase == "Running" and at.endswith(commit)
                 done = done and ok

@@ -110,6 +110,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.output == "table":
         for message in retrying(records):
             print(f"warning: {message}", file=sys.stderr)
+        if records and not state.reconciler_running():
+            print(
+                f"warning: no `bitbuilder run` is using {state.root}: this is the status it "
+                "last recorded, and nothing follows the fleet until one runs",
+                file=sys.stderr,
+            )
     return 1 if args.names and len(records) < len(args.names) else 0
 
 

@@ -118,6 +118,19 @@ class LocalState:
             raise StateBusy(f"another `bitbuilder run` uses {self.root}") from None
         return handle
 
+    def reconciler_running(self) -> bool:
+        """Whether a `bitbuilder run` holds this state dir now (without taking it ourselves)."""
+        try:
+            handle = (self.root / "run.lock").open("r")
+        except FileNotFoundError:
+            return False
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return True
+            return False  # closing the handle drops our shared lock
+
     def save_fleet(self, fleet: FleetRecord) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.root / "fleet.json", fleet.model_dump_json(indent=1))

@@ -239,6 +239,18 @@ def phase(obs: Observation, previous: TenantStatus, stalled: Verdict) -> TenantP
 # --- assembling -------------------------------------------------------------------------------
 
 
+def blocking_problem(status: TenantStatus | None) -> str | None:
+    """Why a tenant will not get to Running without someone's change ('Reason: message'),
+    or None while it may still get there by itself."""
+    stalled = find_condition(status, "Stalled")
+    if stalled is not None and stalled.status == "True":
+        return f"{stalled.reason}: {stalled.message}"
+    if status is not None and status.phase is TenantPhase.failed:
+        machine = find_condition(status, "MachineReady")
+        return f"{machine.reason}: {machine.message}" if machine else "the machine failed"
+    return None
+
+
 def find_condition(status: TenantStatus | None, type_: str) -> Condition | None:
     if status is None:
         return None

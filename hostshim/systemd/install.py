@@ -34,10 +34,25 @@ def shipped_unit(name: str) -> str:
 
 
 def generator_script(state_dir: Path) -> str:
+    # systemd does not keep a generator's stderr: a failed import (the package removed, the
+    # interpreter upgraded) goes to the kernel log too, where the boot's journal shows it.
     return (
         f"#!{sys.executable} -I\n"
+        "import sys\n"
         "from pathlib import Path\n"
-        "from bitbuilder.hostshim.systemd.generator import main\n"
+        "try:\n"
+        "    from bitbuilder.hostshim.systemd.generator import main\n"
+        "except Exception as exc:\n"
+        f"    why = f'{GENERATOR_NAME}: cannot import bitbuilder with {{sys.executable}} "
+        "({exc!r}): no tenant is restored at this boot; reinstall the package and run "
+        "bitbuilder-hostshim-install'\n"
+        "    print(why, file=sys.stderr)\n"
+        "    try:\n"
+        "        with open('/dev/kmsg', 'w') as kmsg:\n"
+        "            kmsg.write(f'<3>{why}\\n')\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "    raise SystemExit(1)\n"
         f"raise SystemExit(main(state_dir=Path({str(state_dir)!r})))\n"
     )
 

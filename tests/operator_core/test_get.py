@@ -85,10 +85,28 @@ def test_cli_warns_once_when_the_shim_is_unreachable(
         tenant = make_tenant(name)
         status = compute_status(Observation(tenant, None, "node1", T0, problem), None)
         state.save(observe(None, tenant, T0).model_copy(update={"status": status}))
-    assert main(["get", "tenants", "--state-dir", str(tmp_path)]) == 0
+    with state.lock():  # a `bitbuilder run` is running: only the shim's problem is news
+        assert main(["get", "tenants", "--state-dir", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     assert [line.split()[-2] for line in out.splitlines()[1:]] == ["Unknown", "Unknown"]
     assert err == "warning: host shim at /s unreachable\n"
+
+
+def test_cli_says_when_no_reconciler_runs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Old state with no hint reads as live state: the table says when nobody follows the fleet."""
+    state = LocalState(tmp_path)
+    seed(state)
+    assert main(["get", "tenants", "--state-dir", str(tmp_path)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: no `bitbuilder run` is using {tmp_path}: this is the status it last" in err
+    assert not state.reconciler_running()
+    with state.lock():
+        assert state.reconciler_running()
+        assert main(["get", "tenants", "--state-dir", str(tmp_path)]) == 0
+        assert "no `bitbuilder run`" not in capsys.readouterr().err
+    assert not state.reconciler_running()
 
 
 def test_cli_unreadable_state_is_an_error_message(

@@ -61,3 +61,30 @@ def test_entry_points_already_on_the_search_path_are_not_linked(
     monkeypatch.setattr(install, "SYSTEMD_EXEC_PATH", (str(found),))
     assert install.link_entry_points(tmp_path / "bin") == []
     assert not (tmp_path / "bin").exists()
+
+
+def test_a_generator_that_cannot_import_the_project_says_so(tmp_path: Path) -> None:
+    """Run by an interpreter without the package (as after an upgrade removed it): it fails
+    loudly, naming the cure, instead of restoring nothing in silence."""
+    run_install(tmp_path)
+    bare = Path("/usr/bin/python3")
+    if not bare.exists() or subprocess.run([bare, "-I", "-c", "import bitbuilder"]).returncode == 0:
+        pytest.skip("needs a python3 without the bitbuilder package")
+    result = subprocess.run(
+        [
+            bare,
+            "-I",
+            str(tmp_path / "gen" / install.GENERATOR_NAME),
+            str(tmp_path / "n"),
+            "/x",
+            "/y",
+        ],
+        capture_output=True,
+        text=True,
+        env={},
+    )
+    assert result.returncode == 1
+    assert "cannot import bitbuilder" in result.stderr
+    assert "no tenant is restored at this boot" in result.stderr
+    assert "bitbuilder-hostshim-install" in result.stderr
+    assert not (tmp_path / "n").exists()
