@@ -185,6 +185,14 @@ def _show_bytes(size: int) -> str:
     return str(size)
 
 
+class NodeLoss(StrEnum):
+    """What happens when the node running a tenant is lost (its reservation pod deleted or
+    evicted). The machine's writable data is local to that node either way."""
+
+    reschedule = "Reschedule"
+    wait = "Wait"
+
+
 class TenantSpec(WireModel):
     """What the tenant's machine should be."""
 
@@ -204,6 +212,13 @@ class TenantSpec(WireModel):
     node_name: DnsLabel | None = Field(None, description="Run on this node only.")
     node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
         default_factory=dict, description="Run on a node whose labels match all of these."
+    )
+    node_loss: NodeLoss = Field(
+        NodeLoss.reschedule,
+        description="When the node running the machine is lost (its reservation pod deleted "
+        "or evicted): Reschedule places it again and it starts fresh from git on the new node "
+        "once the lost node is gone or NotReady; Wait keeps it Pending until that node "
+        "returns. Its writable data stays on the lost node either way.",
     )
 
 

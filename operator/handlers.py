@@ -1,11 +1,15 @@
-"""Thin kopf handlers over the reconcile core (reconcile.py).
+"""Thin kopf handlers over the reconcile core (reconcile.py) and placement (placement.py).
 
-Every pass goes through `Driver.sync`: one pass at a time per tenant, the status written to our
+Every pass goes through `Driver.sync`: one pass at a time per tenant, placement first (the
+tenant's reservation pod, bound by kube-scheduler, says whether it runs on this node; a pod
+event wakes the tenant's pass), then the status written to our
 own fields on the status subresource (never kopf's per-handler keys: kopf keeps its progress in
 annotations), an Event per transition, and the next pass scheduled. A daemon per tenant sleeps
 until that time (the source interval with jitter, or a backoff while failing) and syncs again;
 create, spec updates, resume and the `bitbuilder.io/reconcile-requested-at` annotation sync at
-once; delete keeps the finalizer until the shim confirms the machine is gone.
+once; delete keeps the finalizer until the node running the machine confirms it is gone (or
+that node no longer exists). At start-up, before any tenant, copies this node no longer owns
+are stopped.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pydantic import ValidationError
 from bitbuilder.operator.api import (
     FINALIZER,
     GROUP,
+    OPERATOR_NAMESPACE,
     PLURAL,
     RECONCILE_REQUESTED_ANNOTATION,
     VERSION,
@@ -31,20 +36,25 @@ from bitbuilder.operator.api import (
     validation_message,
 )
 from bitbuilder.operator.kubeapi import Login, StatusWriter
-from bitbuilder.operator.reconcile import (
-    NO_SOURCE_INTERVAL,
-    Node,
-    finalize,
-    placed_here,
-    reconcile,
+from bitbuilder.operator.placement import (
+    TENANT_LABEL,
+    Pods,
+    Reservation,
+    Verdict,
+    decide,
+    pin_for,
+    pod_name,
+    reservation_pod,
 )
+from bitbuilder.operator.reconcile import NO_SOURCE_INTERVAL, Node, finalize, interval, reconcile
 from bitbuilder.operator.shimclient import ShimClient, ShimError
-from bitbuilder.operator.status import invalid_spec_status
+from bitbuilder.operator.status import invalid_spec_status, unplaced_status
 from bitbuilder.operator.translate import SecretResolver
 
 KOPF_ANNOTATION_PREFIX = "kopf.bitbuilder.io"
 FINALIZE_RETRY = 3.0
 OTHER_NODE_RETRY = 10.0
+HOLDER_RETRY = 2.0  # waiting for another node to stop its copy: nothing else says when
 Logger = logging.Logger | logging.LoggerAdapter[Any]
 
 
@@ -54,6 +64,7 @@ class Schedule:
 
     wake: asyncio.Event
     due: float | None = None
+    nudged: bool = False  # a pod event during a pass: that pass's answer may be stale
 
 
 class Driver:
@@ -65,8 +76,10 @@ class Driver:
         secrets: SecretResolver,
         status: StatusWriter,
         node: Node,
+        pods: Pods,
     ) -> None:
         self.shim, self.secrets, self.status, self.node = shim, secrets, status, node
+        self.pods = pods
         self.locks: dict[str, asyncio.Lock] = {}
         self.schedules: dict[str, Schedule] = {}
         self.last: dict[str, TenantStatus] = {}
@@ -85,24 +98,105 @@ class Driver:
                 logger.error(f"invalid Tenant: {message}")
                 await self.status.write(name, invalid_status(body, message))
                 return
-            previous = self.last.get(name, tenant.status)
-
-            async def progress(status: TenantStatus) -> None:
-                await self.status.write(name, status)
-
-            result = await reconcile(tenant, self.shim, self.secrets, self.node, previous, progress)
-            if result.status is not None and result.status != previous:
-                await self.status.write(name, result.status)
-            if result.status is not None:
-                self.last[name] = result.status
-            for event in result.events:
-                kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+            self._schedule(name).nudged = False
+            verdict = await self._place(tenant, body)
+            if verdict.run:
+                requeue = await self._run(tenant, body)
+            else:
+                requeue = await self._stand_by(tenant, verdict)
             schedule = self._schedule(name)
             loop = asyncio.get_running_loop()
-            schedule.due = (
-                None if result.requeue_after is None else loop.time() + result.requeue_after
-            )
+            if schedule.nudged:
+                requeue = 0.0
+            schedule.due = None if requeue is None else loop.time() + requeue
             schedule.wake.set()
+
+    async def _place(self, tenant: Tenant, body: kopf.Body) -> Verdict:
+        """Keep the tenant's reservation pod and read what it says for this node."""
+        name, me = tenant.metadata.name, self.node.name
+        machine = tenant.status.machine if tenant.status is not None else None
+        holder = machine.node if machine is not None else None
+        pod = await self.pods.read(pod_name(name))
+        if pod is None:
+            manifest = reservation_pod(tenant, body["metadata"]["uid"], pin_for(tenant, holder))
+            pod = await self.pods.create(manifest)
+        reservation = Reservation.from_pod(pod)
+        lost = (
+            reservation.node == me
+            and holder not in (None, me)
+            and await self.pods.node_lost(str(holder))
+        )
+        verdict = decide(tenant, reservation, me, holder, lost)
+        if verdict.replace:  # stop here first, then let the pod go: never two copies
+            await self._stop_copy(name, holder)
+            await self.pods.delete(pod_name(name), reservation.uid)
+        return verdict
+
+    async def _stop_copy(self, name: str, holder: str | None) -> None:
+        """Stop (and forget) this node's copy, keeping its data; then no longer hold it."""
+        await self.shim.delete(name, keep_data=True)
+        self.last.pop(name, None)
+        if holder == self.node.name:
+            await self.status.release_holder(name, holder)
+
+    async def _run(self, tenant: Tenant, body: kopf.Body) -> float | None:
+        name = tenant.metadata.name
+        previous = self.last.get(name, tenant.status)
+
+        async def progress(status: TenantStatus) -> None:
+            await self.status.write(name, status)
+
+        result = await reconcile(
+            tenant, self.shim, self.secrets, self.node, previous, progress, placed=True
+        )
+        if result.status is not None and result.status != previous:
+            await self.status.write(name, result.status)
+        if result.status is not None:
+            self.last[name] = result.status
+        for event in result.events:
+            kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+        return result.requeue_after
+
+    async def _stand_by(self, tenant: Tenant, verdict: Verdict) -> float | None:
+        """Not run here: stop any copy; report why it runs nowhere, if this node is to say."""
+        name = tenant.metadata.name
+        machine = tenant.status.machine if tenant.status is not None else None
+        if not verdict.replace:
+            await self._stop_copy(name, machine.node if machine is not None else None)
+        if verdict.reason is None:
+            return interval(tenant)
+        now = datetime.now(UTC)
+        status = unplaced_status(tenant, verdict.reason, verdict.message, verdict.stalled, now)
+        if status != tenant.status:
+            await self.status.write_waiting(name, status)
+        return HOLDER_RETRY if verdict.reason == "WaitingForNode" else interval(tenant)
+
+    def nudge(self, name: str) -> None:
+        """A pod event: the tenant's daemon syncs now (unless it has none: gone, or its first
+        pass is still to come)."""
+        schedule = self.schedules.get(name)
+        if schedule is None:
+            return
+        schedule.due = asyncio.get_running_loop().time()
+        schedule.nudged = True
+        schedule.wake.set()
+
+    async def stop_strays(self, logger: Logger) -> None:
+        """Start-up, before any tenant: stop the copies whose pod is not bound to this node
+        (it was lost and the tenant placed elsewhere meanwhile, or the tenant is gone)."""
+        pods = await self.pods.list()
+        owned = {
+            p["metadata"]["labels"][TENANT_LABEL]
+            for p in pods
+            if (p.get("spec") or {}).get("nodeName") == self.node.name
+        }
+        try:
+            for machine in await self.shim.machines():
+                if machine.name not in owned:
+                    logger.warning(f"{machine.name}: not placed on this node; stopping its copy")
+                    await self.shim.delete(machine.name, keep_data=True)
+        except ShimError as exc:  # each tenant's own pass stops its copy once the shim answers
+            logger.warning(f"cannot ask the host shim for stray machines: {exc}")
 
     async def poll(self, body: kopf.Body, stopped: Any, logger: Logger) -> None:
         """The per-tenant daemon: sync whenever the schedule says so, until kopf stops it."""
@@ -125,20 +219,37 @@ class Driver:
             await self.sync(body, logger)
 
     async def remove(self, body: kopf.Body, logger: Logger) -> None:
-        """The finalizer: release it only once the shim says the machine is gone. Every node's
-        operator sees the delete; only the node the machine runs on may release the finalizer
-        while a machine is reported (the others wait for it)."""
-        name = body["metadata"]["name"]
+        """The finalizer: every node's operator sees the delete and removes its own copy; it is
+        released only when no other node may still run the machine (the pod's node and the
+        holder have removed it, or no longer exist or report Ready)."""
+        name, me = body["metadata"]["name"], self.node.name
         tenant = Tenant.from_object(dict(body))
         machine = tenant.status.machine if tenant.status is not None else None
-        elsewhere = machine.node if machine is not None and machine.node != self.node.name else None
-        if not placed_here(tenant, self.node) and (machine is None or elsewhere is not None):
-            if elsewhere is not None:
+        pod = await self.pods.read(pod_name(name))
+        nodes = {
+            Reservation.from_pod(pod).node if pod is not None else None,
+            machine.node if machine is not None else None,
+        }
+        try:
+            here = me in nodes or await self.shim.get(name) is not None
+        except ShimError as exc:
+            raise kopf.TemporaryError(
+                f"cannot ask the host shim: {exc}", delay=FINALIZE_RETRY
+            ) from exc
+        if here:
+            await self._finalize_here(tenant, body, logger)
+        for node in sorted(n for n in nodes if n not in (None, me)):
+            if not await self.pods.node_lost(node):
                 raise kopf.TemporaryError(
-                    f"the machine runs on node {elsewhere}: waiting for it to be removed there",
+                    f"the machine runs on node {node}: waiting for it to be removed there",
                     delay=OTHER_NODE_RETRY,
                 )
-            return
+        self.locks.pop(name, None)
+        self.schedules.pop(name, None)
+        self.last.pop(name, None)
+
+    async def _finalize_here(self, tenant: Tenant, body: kopf.Body, logger: Logger) -> None:
+        name = tenant.metadata.name
         async with self.locks.setdefault(name, asyncio.Lock()):
             last = self.last.get(name) or TenantStatus.model_validate(body.get("status") or {})
             if last.phase is not TenantPhase.terminating:
@@ -162,10 +273,8 @@ class Driver:
             kopf.event(
                 body, type="Normal", reason="MachineRemoved", message="machine stopped and removed"
             )
-            logger.info("machine removed; releasing the finalizer")
-        self.locks.pop(name, None)
-        self.schedules.pop(name, None)
-        self.last.pop(name, None)
+            logger.info("machine removed")
+            await self.status.release_holder(name, self.node.name)
 
 
 def invalid_status(body: kopf.Body, message: str) -> TenantStatus:
@@ -211,6 +320,12 @@ def build_registry(driver: Driver, login: Login) -> kopf.OperatorRegistry:
     async def close(**_: Any) -> None:
         await driver.shim.close()
 
+    async def strays(logger: Logger, **_: Any) -> None:
+        await driver.stop_strays(logger)
+
+    async def pod_event(labels: kopf.Labels, **_: Any) -> None:
+        driver.nudge(labels[TENANT_LABEL])
+
     kopf.on.create(*tenants, id="sync", registry=registry)(sync)
     kopf.on.resume(*tenants, id="sync", registry=registry)(sync)
     kopf.on.update(*tenants, id="sync", field="spec", registry=registry)(sync)
@@ -218,24 +333,27 @@ def build_registry(driver: Driver, login: Login) -> kopf.OperatorRegistry:
     kopf.on.field(*tenants, id="requested", field=annotation, registry=registry)(sync)
     kopf.on.delete(*tenants, id="finalize", registry=registry)(remove)
     kopf.daemon(*tenants, id="poll", cancellation_timeout=1.0, registry=registry)(poll)
+    kopf.on.startup(registry=registry)(strays)
     kopf.on.cleanup(registry=registry)(close)
+    labels = {TENANT_LABEL: kopf.PRESENT}
+    kopf.on.event("", "v1", "pods", id="placement", labels=labels, registry=registry)(pod_event)
     return registry
 
 
 def run_operator(
     registry: kopf.OperatorRegistry,
     *,
-    namespaces: list[str] | None = None,
+    namespace: str = OPERATOR_NAMESPACE,
     liveness: str | None = None,
     stop_flag: Any = None,
     ready_flag: Any = None,
 ) -> None:
-    """kopf.run with our defaults: standalone (no peering), cluster-wide unless namespaces."""
+    """kopf.run with our defaults: standalone (no peering); Tenants (cluster-scoped) everywhere,
+    pods only in the operator's namespace (so no cluster-wide pod access is needed)."""
     kopf.run(
         registry=registry,
         standalone=True,
-        clusterwide=not namespaces,
-        namespaces=namespaces or (),
+        namespaces=[namespace],
         liveness_endpoint=liveness,
         stop_flag=stop_flag,
         ready_flag=ready_flag,

@@ -103,13 +103,15 @@ async def reconcile(
     node: Node,
     previous: TenantStatus | None = None,
     progress: Progress | None = None,
+    placed: bool | None = None,
 ) -> ReconcileResult:
     """One pass. `previous` defaults to the tenant's own status; `progress` is called with an
-    intermediate status (Provisioning/Updating) while the shim is busy. Every failure becomes
-    status, except one: a tenant placed on another node whose copy here cannot be stopped
-    raises ShimError (the caller retries)."""
+    intermediate status (Provisioning/Updating) while the shim is busy; `placed` is the
+    scheduler's word in a cluster (None: match nodeName/nodeSelector against `node`, as
+    standalone mode does). Every failure becomes status, except one: a tenant placed on another
+    node whose copy here cannot be stopped raises ShimError (the caller retries)."""
     previous = previous if previous is not None else tenant.status
-    if not placed_here(tenant, node):
+    if not (placed_here(tenant, node) if placed is None else placed):
         # It may have run here before it moved: stop that copy, keep its data.
         await shim.delete(tenant.metadata.name, keep_data=True)
         return ReconcileResult(status=None, events=[], requeue_after=None)

@@ -333,6 +333,38 @@ def invalid_spec_status(
     )
 
 
+def unplaced_status(
+    tenant: Tenant, reason: str, message: str, stalled: bool, now: datetime
+) -> TenantStatus:
+    """Pending: no node runs the machine (yet). Stalled when only a change helps (the
+    scheduler finds no node for it), else Reconciling. The rest of the status stays."""
+    prev = tenant.status or TenantStatus()
+    waiting = Verdict("False", reason, message)
+    calm = Verdict("False", "Succeeded", "")
+    old_source = find_condition(prev, "SourceReady")
+    source = (
+        Verdict("Unknown", "Progressing", "not fetched on this node yet")
+        if old_source is None
+        else Verdict(old_source.status, old_source.reason, old_source.message)
+    )
+    generation = tenant.metadata.generation
+    verdicts = {
+        "Ready": waiting,
+        "Reconciling": calm if stalled else Verdict("True", reason, message),
+        "Stalled": Verdict("True", reason, message) if stalled else calm,
+        "SourceReady": source,
+        "MachineReady": waiting,
+    }
+    conditions = [set_condition(prev, t, v, now, generation) for t, v in verdicts.items()]
+    return prev.model_copy(
+        update={
+            "phase": TenantPhase.pending,
+            "observed_generation": generation,
+            "conditions": conditions,
+        }
+    )
+
+
 def _prev_source(previous: TenantStatus) -> SourceStatus:
     return previous.source or SourceStatus()
 

@@ -79,11 +79,16 @@ def test_rbac_is_least_privilege(base: dict[tuple[str, str], Obj]) -> None:
     assert ("", "events", "create") in cluster
     assert not any(verb == "delete" for _, _, verb in cluster)
     assert not any(resource == "secrets" for _, resource, _ in cluster)
-    # Secrets are readable in the operator's own namespace only.
+    assert not any(resource.startswith("pods") for _, resource, _ in cluster)
+    assert ("", "nodes", "get") in cluster
+    assert not any(resource == "nodes" and verb != "get" for _, resource, verb in cluster)
+    # Secrets readable and reservation pods kept in the operator's own namespace only; never
+    # pods/binding (the scheduler alone picks nodes) nor patch/update (nodeName).
     assert _grants(base["Role", "bitbuilder-operator"]["rules"]) == {
         ("", "secrets", "get"),
         ("", "secrets", "list"),
         ("", "secrets", "watch"),
+        *(("", "pods", verb) for verb in ("get", "list", "watch", "create", "delete")),
     }
     for kind in ("ClusterRoleBinding", "RoleBinding"):
         [subject] = base[kind, "bitbuilder-operator"]["subjects"]

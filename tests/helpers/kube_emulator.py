@@ -6,7 +6,9 @@ kmock 0.8's KubernetesEmulator serves discovery and a naive object store; see
 uid/creationTimestamp/resourceVersion/generation stamping (201 on create, generateName), a
 resourceVersion bump on every write, PUT and PATCH (merge, JSON patch, strategic merge as merge)
 as whole-object replacement with 409 on a stale resourceVersion, status subresource separation,
-the generation rule, finalizers, lists with kind and resourceVersion, label and field selectors,
+the generation rule, finalizers, delete preconditions (uid), ownerReference garbage collection
+(background: dependents go when their owner is gone), pods' `binding` subresource (what the
+scheduler calls), lists with kind and resourceVersion, label and field selectors,
 watches with timeoutSeconds and resourceVersion replay from an event ring (410 when too old),
 pruning/defaulting/validation against a CRD's openAPIV3Schema and CEL rules (422; 400 for
 unknown fields with fieldValidation=Strict), Table rendering from its printer columns, `dryRun`,
@@ -58,6 +60,9 @@ from tests.helpers.loop_thread import LoopThread
 CORE_TYPES = (
     ResourceType("", "v1", "namespaces", "Namespace", namespaced=False, short_names=("ns",)),
     ResourceType("", "v1", "nodes", "Node", namespaced=False, short_names=("no",)),
+    ResourceType(
+        "", "v1", "pods", "Pod", namespaced=True, short_names=("po",), status_subresource=True
+    ),
     ResourceType("", "v1", "events", "Event", namespaced=True, short_names=("ev",)),
     ResourceType("", "v1", "secrets", "Secret", namespaced=True),
     ResourceType("", "v1", "configmaps", "ConfigMap", namespaced=True, short_names=("cm",)),
@@ -305,6 +310,9 @@ class Emulator(kmock.KubernetesEmulator):
     def _serve(
         self, raw: aiohttp.web.BaseRequest, route: Route, rtype: ResourceType, body: bytes
     ) -> tuple[int, Obj]:
+        if route.subresource == "binding" and rtype.kind == "Pod" and raw.method == "POST":
+            key = (rtype.key, route.namespace, route.name or "")
+            return 201, self._bind(rtype, key, _object(body))
         if route.subresource not in (None, "status") or (
             route.subresource == "status" and not rtype.status_subresource
         ):
@@ -329,6 +337,14 @@ class Emulator(kmock.KubernetesEmulator):
             candidate = self._patched(raw, rtype, key, body)
             return 200, self._update(raw, rtype, key, candidate, route.subresource, dry_run)
         if raw.method == "DELETE":
+            wanted_uid = ((_json(body) or {}).get("preconditions") or {}).get("uid")
+            if wanted_uid and wanted_uid != self._get(rtype, key)["metadata"]["uid"]:
+                raise ApiStatus(
+                    409,
+                    "Conflict",
+                    f"Precondition failed: UID in precondition: {wanted_uid}, UID in object "
+                    f"meta: {self._get(rtype, key)['metadata']['uid']}",
+                )
             return 200, self._delete(rtype, key, dry_run)
         raise ApiStatus(405, "MethodNotAllowed", f"{raw.method} is not supported")
 
@@ -508,6 +524,32 @@ class Emulator(kmock.KubernetesEmulator):
             return self._commit(rtype, key, obj, "MODIFIED")
         return self._commit(rtype, key, obj, "DELETED")
 
+    def _bind(self, rtype: ResourceType, key: tuple[str, str | None, str], binding: Obj) -> Obj:
+        """POST pods/{name}/binding: set spec.nodeName once, as the API server does for the
+        scheduler (a second binding is a 409)."""
+        pod = copy.deepcopy(self._get(rtype, key))
+        node = (binding.get("target") or {}).get("name")
+        if not node:
+            raise self._invalid(rtype, key[2], ["target.name: Required value"])
+        if pod["spec"].get("nodeName"):
+            raise ApiStatus(
+                409,
+                "Conflict",
+                f'Operation cannot be fulfilled on pods/binding "{key[2]}": pod {key[2]} is '
+                f'already assigned to node "{pod["spec"]["nodeName"]}"',
+            )
+        pod["spec"]["nodeName"] = node
+        self._commit(rtype, key, pod, "MODIFIED")
+        return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+
+    def _collect_dependents(self, uid: str) -> None:
+        """Background garbage collection: objects owned by a deleted object go too."""
+        for key, obj in list(self.store.items()):
+            owners = obj["metadata"].get("ownerReferences") or []
+            if any(ref.get("uid") == uid for ref in owners):
+                rtype = next(t for t in self.types.values() if t.key == key[0])
+                self._delete(rtype, key, dry=False)
+
     def _admit(
         self, raw: aiohttp.web.BaseRequest, rtype: ResourceType, obj: Obj, before: Obj | None = None
     ) -> None:
@@ -545,6 +587,8 @@ class Emulator(kmock.KubernetesEmulator):
         if len(self.ring) == self.ring.maxlen:
             self.ring_floor = self.ring[0].rv
         self.ring.append(WatchEvent(self.rv, rtype.key, key[1], kind, copy.deepcopy(obj)))
+        if kind == "DELETED":
+            self._collect_dependents(obj["metadata"]["uid"])
         return obj
 
     async def _notify(self) -> None:

@@ -16,10 +16,11 @@ from typing import Any
 from aiohttp import web
 from kubernetes import client as k8s
 
-from bitbuilder.operator.api import RECONCILE_REQUESTED_ANNOTATION
+from bitbuilder.operator.api import OPERATOR_NAMESPACE, RECONCILE_REQUESTED_ANNOTATION
 from bitbuilder.operator.demohost import free_port, stop_process
 from bitbuilder.operator.handlers import Driver, build_registry, run_operator
-from bitbuilder.operator.kubeapi import KubeSecrets, StatusWriter, client_login
+from bitbuilder.operator.kubeapi import KubePods, KubeSecrets, StatusWriter, client_login
+from bitbuilder.operator.placement import pod_name
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
 from tests.helpers.fakeshim import FakeShim
@@ -32,6 +33,7 @@ from tests.helpers.wait import wait_for
 NODE = "node1"
 SHA_A, SHA_B = "a" * 40, "b" * 40
 ROOT = Path(__file__).resolve().parents[2]
+PODS = f"/api/v1/namespaces/{OPERATOR_NAMESPACE}/pods"
 
 
 def tenant(name: str = "web", **spec: Any) -> dict[str, Any]:
@@ -112,12 +114,25 @@ class FakeShimServer:
         await web.UnixSite(self.runner, str(self.fake.socket)).start()
 
 
+def add_node(kube: Kube, name: str, **labels: str) -> None:
+    """A Ready Node, as a kubelet would register it."""
+    ready = {"type": "Ready", "status": "True", "reason": "KubeletReady"}
+    node = {"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **labels}},
+            "status": {"conditions": [ready], "allocatable": {"cpu": "4", "memory": "8Gi"}}}  # fmt: skip
+    kube.ok("POST", "/api/v1/nodes", node)
+
+
+def pod_of(kube: Kube, name: str) -> dict[str, Any] | None:
+    return kube.get(f"{PODS}/{pod_name(name)}")
+
+
 @contextmanager
-def operator_thread(url: str, socket: Path) -> Iterator[Driver]:
-    """The real handlers in kopf, in a thread: kopf.run(standalone, clusterwide) with a login
-    handler for the emulator; stopped through its stop flag."""
+def operator_thread(url: str, socket: Path, node: str = NODE) -> Iterator[Driver]:
+    """The real handlers in kopf, in a thread: kopf.run(standalone) with a login handler for
+    the emulator; stopped through its stop flag."""
     api = k8s.ApiClient(k8s.Configuration(host=url))
-    driver = Driver(ShimClient(socket, timeout=5), KubeSecrets(api), StatusWriter(api), Node(NODE))
+    shim = ShimClient(socket, timeout=5)
+    driver = Driver(shim, KubeSecrets(api), StatusWriter(api), Node(node), KubePods(api))
 
     stop, ready = threading.Event(), threading.Event()
     thread = threading.Thread(
@@ -125,7 +140,7 @@ def operator_thread(url: str, socket: Path) -> Iterator[Driver]:
         args=(build_registry(driver, client_login(api)),),
         kwargs={"stop_flag": stop, "ready_flag": ready},
         daemon=True,
-        name="kopf",
+        name=f"kopf-{node}",
     )
     thread.start()
     try:
@@ -147,14 +162,14 @@ def healthy(url: str) -> bool:
 
 @contextmanager
 def operator_process(
-    kubeconfig: Path, shim_socket: Path, log: Path
+    kubeconfig: Path, shim_socket: Path, log: Path, node: str = NODE
 ) -> Iterator[subprocess.Popen[bytes]]:
     """bitbuilder-operator against the emulator; its liveness endpoint answering = started."""
     liveness = f"http://127.0.0.1:{free_port()}/healthz"
     argv = [
         str(Path(sys.executable).parent / "bitbuilder-operator"),
         "--kubeconfig", str(kubeconfig), "--socket", str(shim_socket),
-        "--node-name", NODE, "--liveness", liveness,
+        "--node-name", node, "--liveness", liveness,
     ]  # fmt: skip
     with log.open("ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

@@ -1,4 +1,4 @@
-"""Driver rules that need no API server: the finalizer on a node the machine does not run on."""
+"""Driver rules that need no API server: who may release the finalizer, and when."""
 
 from __future__ import annotations
 
@@ -13,33 +13,79 @@ from kubernetes import client as k8s
 
 from bitbuilder.operator.handlers import Driver
 from bitbuilder.operator.kubeapi import KubeSecrets, StatusWriter
+from bitbuilder.operator.placement import Obj
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
+from tests.helpers.fakeshim import running_fake_shim
 
 
-def driver(tmp_path: Path) -> Driver:
-    """A driver whose shim and API are unreachable: any call to them would fail the test."""
+class FakePods:
+    """The placement calls, answered from a dict: `bound` is the pod's node; `lost` nodes."""
+
+    def __init__(self, bound: str | None, lost: set[str]) -> None:
+        self.bound, self.lost = bound, lost
+
+    async def read(self, name: str) -> Obj | None:
+        return {"metadata": {"uid": "u1"}, "spec": {"nodeName": self.bound}}
+
+    async def list(self) -> list[Obj]:
+        return []
+
+    async def create(self, pod: Obj) -> Obj:
+        raise AssertionError("no pod is created while deleting")
+
+    async def delete(self, name: str, uid: str) -> None:
+        raise AssertionError("no pod is deleted while deleting")
+
+    async def node_lost(self, name: str) -> bool:
+        return name in self.lost
+
+
+def driver(socket: Path, pods: FakePods) -> Driver:
+    """node1's driver; its status writes go nowhere (an unreachable API answers 404 never)."""
     api = k8s.ApiClient(k8s.Configuration(host="http://127.0.0.1:9"))
-    shim = ShimClient(tmp_path / "absent.sock", timeout=1)
-    return Driver(shim, KubeSecrets(api), StatusWriter(api), Node("node1"))
+    shim = ShimClient(socket, timeout=1)
+    return Driver(shim, KubeSecrets(api), StatusWriter(api), Node("node1"), pods)
 
 
 def body(machine_node: str | None) -> kopf.Body:
     obj: dict[str, Any] = {
         "apiVersion": "bitbuilder.io/v1alpha1",
         "kind": "Tenant",
-        "metadata": {"name": "web", "generation": 1},
-        "spec": {"image": {"name": "base"}, "nodeName": "node2"},
+        "metadata": {"name": "web", "generation": 1, "uid": "t1"},
+        "spec": {"image": {"name": "base"}},
     }
     if machine_node is not None:
         obj["status"] = {"machine": {"node": machine_node}}
     return kopf.Body(cast(Any, obj))
 
 
-def test_another_nodes_machine_keeps_the_finalizer(tmp_path: Path) -> None:
+def remove(socket: Path, pods: FakePods, machine_node: str | None) -> None:
+    async def main() -> None:
+        async with running_fake_shim(socket):
+            node1 = driver(socket, pods)
+            try:
+                await node1.remove(body(machine_node), logging.getLogger("test"))
+            finally:
+                await node1.shim.close()
+
+    asyncio.run(main())
+
+
+def test_a_machine_on_another_live_node_keeps_the_finalizer(tmp_path: Path) -> None:
     with pytest.raises(kopf.TemporaryError, match="node2"):
-        asyncio.run(driver(tmp_path).remove(body("node2"), logging.getLogger("test")))
+        remove(tmp_path / "shim.sock", FakePods("node2", lost=set()), "node2")
 
 
-def test_a_tenant_placed_elsewhere_without_a_machine_is_released(tmp_path: Path) -> None:
-    asyncio.run(driver(tmp_path).remove(body(None), logging.getLogger("test")))
+def test_a_pod_bound_to_another_live_node_keeps_the_finalizer(tmp_path: Path) -> None:
+    """Bound but not yet reported running there: that node may be starting it."""
+    with pytest.raises(kopf.TemporaryError, match="node2"):
+        remove(tmp_path / "shim.sock", FakePods("node2", lost=set()), None)
+
+
+def test_a_tenant_on_a_lost_node_is_released(tmp_path: Path) -> None:
+    remove(tmp_path / "shim.sock", FakePods("node2", lost={"node2"}), "node2")
+
+
+def test_a_tenant_never_placed_is_released(tmp_path: Path) -> None:
+    remove(tmp_path / "shim.sock", FakePods(None, lost=set()), None)

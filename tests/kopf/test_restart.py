@@ -30,8 +30,8 @@ def test_killed_mid_reconcile_then_restarted_converges(
 
     shim.fake.status_for = held  # type: ignore[method-assign]
     try:
-        # Placed by nodeSelector: the operator must have read its Node's labels.
-        kube.ok("POST", "/api/v1/nodes", {"metadata": {"name": NODE, "labels": {"zone": "a"}}})
+        # Placed by nodeSelector: the (stand-in) scheduler reads the Node's labels.
+        kube.merge(f"/api/v1/nodes/{NODE}", {"metadata": {"labels": {"zone": "a"}}})
         with operator_process(kubeconfig, shim.fake.socket, log) as first:
             kube.ok("POST", TENANTS, tenant(nodeSelector={"zone": "a"}))
             wait_for(lambda: ("PUT", "web") in shim.fake.requests, what="the PUT to the shim")
