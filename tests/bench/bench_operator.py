@@ -19,14 +19,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bitbuilder.operator.crd import tenant_crd
 from tests.bench.bench_standalone import HOUR, report
 from tests.helpers.gitserve import git_daemon
-from tests.helpers.kube_emulator import Emulator, EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
-from tests.kopf.support import operator_thread, request_sync, status_where
+from tests.kopf.support import emulated_cluster, operator_thread, request_sync, status_where
 from tests.standalone.conftest import Host, motd, tenant_manifest
 
 
@@ -73,7 +71,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as tmp:
         root = Path(tmp)
         (root / "git").mkdir()
-        with git_daemon(root / "git") as server, EmulatorThread(Emulator([tenant_crd()])) as api:
+        with git_daemon(root / "git") as server, emulated_cluster() as api:
             host = Host(root, server, rootfs)
             kube = Kube(api.url)
             try:

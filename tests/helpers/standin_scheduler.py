@@ -11,7 +11,11 @@ a watch (node changes are noticed within a second, the watch's timeout).
 
 from __future__ import annotations
 
+import contextlib
+import http.client
+import socket
 import threading
+import urllib.parse
 from decimal import Decimal
 from typing import Any
 
@@ -69,25 +73,39 @@ class StandInScheduler:
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name="standin-scheduler")
         self.bindings: list[tuple[str, str]] = []  # (pod, node), in order
+        self.watching: http.client.HTTPConnection | None = None
 
-    def __enter__(self) -> StandInScheduler:
+    def start(self) -> StandInScheduler:
         self.thread.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def stop(self) -> None:
+        """Stop at once: the watch it waits on is cut."""
         self.stopping.set()
+        with contextlib.suppress(OSError):
+            if self.watching is not None and self.watching.sock is not None:
+                self.watching.sock.shutdown(socket.SHUT_RDWR)
         self.thread.join(10)
 
     def _run(self) -> None:
         while not self.stopping.is_set():
             try:
-                version = self.schedule_once()
-                for _ in self.kube.watch(self.pods, resourceVersion=version, timeoutSeconds="1"):
-                    break  # something changed: schedule again
-            except OSError:
+                self._wait_for_change(self.schedule_once())
+            except (OSError, http.client.HTTPException):
                 if self.stopping.is_set():
                     return
                 raise
+
+    def _wait_for_change(self, version: str) -> None:
+        """Until the first pod event after `version`, or a second (node changes)."""
+        url = urllib.parse.urlsplit(self.kube.url)
+        self.watching = http.client.HTTPConnection(url.netloc, timeout=30)
+        try:
+            query = f"watch=true&resourceVersion={version}&timeoutSeconds=1"
+            self.watching.request("GET", f"{self.pods}?{query}")
+            self.watching.getresponse().readline()
+        finally:
+            self.watching.close()
 
     def schedule_once(self) -> str:
         """One pass over the pending pods; the pod list's resourceVersion."""

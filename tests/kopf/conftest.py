@@ -11,12 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bitbuilder.operator.api import OPERATOR_NAMESPACE
-from bitbuilder.operator.crd import tenant_crd
-from tests.helpers.kube_emulator import Emulator, EmulatorThread
+from tests.helpers.kube_emulator import EmulatorThread
 from tests.helpers.kube_http import Kube
-from tests.helpers.standin_scheduler import StandInScheduler
-from tests.kopf.support import NODE, FakeShimServer, add_node
+from tests.kopf.support import FakeShimServer, emulated_cluster
 
 # The real host (shim process, nspawn, git daemon) is standalone mode's test host.
 from tests.standalone.conftest import host  # noqa: F401
@@ -24,14 +21,9 @@ from tests.standalone.conftest import host  # noqa: F401
 
 @pytest.fixture
 def api() -> Iterator[EmulatorThread]:
-    """A fresh emulated API server serving the Tenant CRD, on 127.0.0.1, with one Ready node
-    (NODE), the operator's namespace and the stand-in scheduler binding reservation pods."""
-    with EmulatorThread(Emulator([tenant_crd()])) as server:
-        kube = Kube(server.url)
-        kube.ok("POST", "/api/v1/namespaces", {"metadata": {"name": OPERATOR_NAMESPACE}})
-        add_node(kube, NODE)
-        with StandInScheduler(server.url, OPERATOR_NAMESPACE):
-            yield server
+    """A fresh emulated cluster (support.emulated_cluster)."""
+    with emulated_cluster() as server:
+        yield server
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from aiohttp import web
 from kubernetes import client as k8s
 
 from bitbuilder.operator.api import OPERATOR_NAMESPACE, RECONCILE_REQUESTED_ANNOTATION
+from bitbuilder.operator.crd import tenant_crd
 from bitbuilder.operator.demohost import free_port, stop_process
 from bitbuilder.operator.handlers import Driver, build_registry, run_operator
 from bitbuilder.operator.kubeapi import KubePods, KubeSecrets, StatusWriter, client_login
@@ -25,9 +26,10 @@ from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
 from tests.helpers.fakeshim import FakeShim
 from tests.helpers.fakeshim import _app as fake_shim_app
-from tests.helpers.kube_emulator import EmulatorThread
+from tests.helpers.kube_emulator import Emulator, EmulatorThread
 from tests.helpers.kube_http import TENANTS, Kube
 from tests.helpers.loop_thread import LoopThread
+from tests.helpers.standin_scheduler import StandInScheduler
 from tests.helpers.wait import wait_for
 
 NODE = "node1"
@@ -120,6 +122,21 @@ def add_node(kube: Kube, name: str, **labels: str) -> None:
     node = {"metadata": {"name": name, "labels": {"kubernetes.io/hostname": name, **labels}},
             "status": {"conditions": [ready], "allocatable": {"cpu": "4", "memory": "8Gi"}}}  # fmt: skip
     kube.ok("POST", "/api/v1/nodes", node)
+
+
+@contextmanager
+def emulated_cluster() -> Iterator[EmulatorThread]:
+    """A fresh emulated API server serving the Tenant CRD, on 127.0.0.1, with one Ready node
+    (NODE), the operator's namespace and the stand-in scheduler binding reservation pods."""
+    with EmulatorThread(Emulator([tenant_crd()])) as server:
+        kube = Kube(server.url)
+        kube.ok("POST", "/api/v1/namespaces", {"metadata": {"name": OPERATOR_NAMESPACE}})
+        add_node(kube, NODE)
+        scheduler = StandInScheduler(server.url, OPERATOR_NAMESPACE).start()
+        try:
+            yield server
+        finally:
+            scheduler.stop()
 
 
 def pod_of(kube: Kube, name: str) -> dict[str, Any] | None:
