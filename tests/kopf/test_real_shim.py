@@ -82,7 +82,7 @@ def test_the_e2e_suite_sees_a_tenant_ready(api: EmulatorThread, host: Host, tmp_
         out = run_e2e(
             api, tmp_path, BITBUILDER_E2E_REPO=host.url("e2e"), BITBUILDER_E2E_IMAGE="busybox"
         )
-    assert "4 passed" in out, out
+    assert "5 passed, 1 skipped" in out, out  # placement across nodes needs two
 
 
 def test_operator_killed_mid_reconcile_converges_on_the_real_shim(

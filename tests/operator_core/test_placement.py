@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from bitbuilder.operator.api import TenantPhase
 from bitbuilder.operator.placement import (
@@ -54,7 +55,7 @@ def test_an_unplaced_tenant_has_no_constraints() -> None:
     assert spec["containers"][0]["resources"] == {"requests": {}}
 
 
-def bound(tenant_spec: dict[str, object], node: str | None, pin: str | None = None) -> Reservation:
+def bound(tenant_spec: dict[str, Any], node: str | None, pin: str | None = None) -> Reservation:
     pod = reservation_pod(make_tenant(**tenant_spec), "u", pin)
     pod["spec"]["nodeName"] = node
     return Reservation.from_pod(pod)
