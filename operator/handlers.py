@@ -103,7 +103,7 @@ class Driver:
             if verdict.run:
                 requeue = await self._run(tenant, body)
             else:
-                requeue = await self._stand_by(tenant, verdict)
+                requeue = await self._stand_by(tenant, body, verdict)
             schedule = self._schedule(name)
             loop = asyncio.get_running_loop()
             if schedule.nudged:
@@ -157,7 +157,7 @@ class Driver:
             kopf.event(body, type=event.type, reason=event.reason, message=event.message)
         return result.requeue_after
 
-    async def _stand_by(self, tenant: Tenant, verdict: Verdict) -> float | None:
+    async def _stand_by(self, tenant: Tenant, body: kopf.Body, verdict: Verdict) -> float | None:
         """Not run here: stop any copy; report why it runs nowhere, if this node is to say."""
         name = tenant.metadata.name
         machine = tenant.status.machine if tenant.status is not None else None
@@ -169,6 +169,8 @@ class Driver:
         status = unplaced_status(tenant, verdict.reason, verdict.message, verdict.stalled, now)
         if status != tenant.status:
             await self.status.write_waiting(name, status)
+            kind = "Warning" if verdict.stalled else "Normal"
+            kopf.event(body, type=kind, reason=verdict.reason, message=verdict.message)
         return HOLDER_RETRY if verdict.reason == "WaitingForNode" else interval(tenant)
 
     def nudge(self, name: str) -> None:
