@@ -48,6 +48,8 @@ def test_base_renders_crd_namespace_rbac_and_workload(base: dict[tuple[str, str]
         ("ClusterRoleBinding", "bitbuilder-operator"),
         ("Role", "bitbuilder-operator"),
         ("RoleBinding", "bitbuilder-operator"),
+        ("ValidatingAdmissionPolicy", "bitbuilder-operator-node-restriction"),
+        ("ValidatingAdmissionPolicyBinding", "bitbuilder-operator-node-restriction"),
         ("ConfigMap", "bitbuilder-operator"),
         ("DaemonSet", "bitbuilder-operator"),
     }

@@ -8,7 +8,8 @@ resourceVersion bump on every write, PUT and PATCH (merge, JSON patch, strategic
 as whole-object replacement with 409 on a stale resourceVersion, status subresource separation,
 the generation rule, finalizers, delete preconditions (uid), ownerReference garbage collection
 (background: dependents go when their owner is gone), pods' `binding` subresource (what the
-scheduler calls), lists with kind and resourceVersion, label and field selectors,
+scheduler calls), ValidatingAdmissionPolicies stored (not enforced), lists with kind and
+resourceVersion, label and field selectors,
 watches with timeoutSeconds and resourceVersion replay from an event ring (410 when too old),
 pruning/defaulting/validation against a CRD's openAPIV3Schema and CEL rules (422; 400 for
 unknown fields with fieldValidation=Strict), Table rendering from its printer columns, `dryRun`,
@@ -76,6 +77,13 @@ CORE_TYPES = (
             ("clusterrolebindings", "ClusterRoleBinding", False),
             ("roles", "Role", True),
             ("rolebindings", "RoleBinding", True),
+        )
+    ),
+    *(
+        ResourceType("admissionregistration.k8s.io", "v1", plural, kind, namespaced=False)
+        for plural, kind in (
+            ("validatingadmissionpolicies", "ValidatingAdmissionPolicy"),
+            ("validatingadmissionpolicybindings", "ValidatingAdmissionPolicyBinding"),
         )
     ),
     ResourceType(
@@ -404,6 +412,8 @@ class Emulator(kmock.KubernetesEmulator):
             raise self._invalid(
                 rtype, "", ["metadata.name: Required value: name or generateName is required"]
             )
+        if not rtype.namespaced:
+            meta.pop("namespace", None)  # the API server clears it on cluster-scoped objects
         if meta.get("namespace", route.namespace) != route.namespace:
             raise ApiStatus(400, "BadRequest", "the namespace of the object does not match the URL")
         key = (rtype.key, route.namespace, meta["name"])
