@@ -139,6 +139,13 @@ def emulated_cluster() -> Iterator[EmulatorThread]:
             scheduler.stop()
 
 
+def set_ready(kube: Kube, node: str, ready: bool) -> None:
+    """What the node lifecycle controller writes when a kubelet stops (or resumes) reporting."""
+    status = "True" if ready else "Unknown"
+    condition = {"type": "Ready", "status": status, "reason": "KubeletReady"}
+    kube.merge(f"/api/v1/nodes/{node}", {"status": {"conditions": [condition]}})
+
+
 def pod_of(kube: Kube, name: str) -> dict[str, Any] | None:
     return kube.get(f"{PODS}/{pod_name(name)}")
 

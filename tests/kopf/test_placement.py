@@ -28,6 +28,7 @@ from tests.kopf.support import (
     event_reasons,
     operator_thread,
     pod_of,
+    set_ready,
     stalled_tenant,
     status_where,
 )
@@ -172,13 +173,6 @@ def workload(node: str, memory: str) -> dict[str, Any]:
         "metadata": {"name": "workload"},
         "spec": {"nodeName": node, "containers": [container]},
     }
-
-
-def set_ready(kube: Kube, node: str, ready: bool) -> None:
-    """What the node lifecycle controller writes when a kubelet stops (or resumes) reporting."""
-    status = "True" if ready else "Unknown"
-    condition = {"type": "Ready", "status": status, "reason": "KubeletReady"}
-    kube.merge(f"/api/v1/nodes/{node}", {"status": {"conditions": [condition]}})
 
 
 def test_a_lost_node_returns_and_stops_its_stale_copy_and_deletion_survives_a_lost_node(
