@@ -155,7 +155,7 @@ def test_placed_on_one_node_moved_and_replaced_never_two_copies(
         assert condition(stalled, "Stalled")["reason"] == "Unschedulable"
         assert "didn't match Pod's node affinity/selector" in condition(stalled, "Ready")["message"]
         assert all(host.machine("web") is None for host in fleet.values())
-        assert "Unschedulable" in event_reasons(kube, "web")
+        wait_for(lambda: "Unschedulable" in event_reasons(kube, "web"), what="the Event")
 
         # Deleted: the node running it removes the machine before the Tenant goes.
         kube.ok("DELETE", f"{TENANTS}/web")
