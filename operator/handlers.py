@@ -98,6 +98,8 @@ class Driver:
                 logger.error(f"invalid Tenant: {message}")
                 await self.status.write(name, invalid_status(body, message))
                 return
+            if body["metadata"].get("deletionTimestamp"):
+                return  # being deleted: only the finalizer acts now (no pod, no machine)
             self._schedule(name).nudged = False
             verdict = await self._place(tenant, body)
             if verdict.run:
