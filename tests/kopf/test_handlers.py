@@ -11,25 +11,27 @@ import kopf
 import pytest
 from kubernetes import client as k8s
 
+from bitbuilder.hostshim.api import MachineSpec
 from bitbuilder.operator.handlers import Driver
 from bitbuilder.operator.kubeapi import KubeSecrets, StatusWriter
-from bitbuilder.operator.placement import Obj
+from bitbuilder.operator.placement import TENANT_LABEL, Obj
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
 from tests.helpers.fakeshim import running_fake_shim
 
 
 class FakePods:
-    """The placement calls, answered from a dict: `bound` is the pod's node; `lost` nodes."""
+    """The placement calls, answered from a dict: `bound` is the pod's node; `lost` nodes;
+    `listed` what a list of the reservation pods shows."""
 
-    def __init__(self, bound: str | None, lost: set[str]) -> None:
-        self.bound, self.lost = bound, lost
+    def __init__(self, bound: str | None, lost: set[str], listed: list[Obj] | None = None) -> None:
+        self.bound, self.lost, self.listed = bound, lost, listed or []
 
     async def read(self, name: str) -> Obj | None:
         return {"metadata": {"uid": "u1"}, "spec": {"nodeName": self.bound}}
 
     async def list(self) -> list[Obj]:
-        return []
+        return self.listed
 
     async def create(self, pod: Obj) -> Obj:
         raise AssertionError("no pod is created while deleting")
@@ -89,3 +91,26 @@ def test_a_tenant_on_a_lost_node_is_released(tmp_path: Path) -> None:
 
 def test_a_tenant_never_placed_is_released(tmp_path: Path) -> None:
     remove(tmp_path / "shim.sock", FakePods(None, lost=set()), None)
+
+
+def test_start_up_stops_the_copies_this_node_does_not_own(tmp_path: Path) -> None:
+    """Its pod bound elsewhere, or no pod (no Tenant) at all: stopped; bound here: kept."""
+    socket = tmp_path / "shim.sock"
+
+    def pod(tenant: str, node: str) -> Obj:
+        return {"metadata": {"labels": {TENANT_LABEL: tenant}}, "spec": {"nodeName": node}}
+
+    pods = FakePods(None, set(), [pod("web", "node1"), pod("api", "node2")])
+
+    async def main() -> list[str]:
+        async with running_fake_shim(socket) as fake:
+            node1 = driver(socket, pods)
+            try:
+                for name in ("web", "api", "gone"):
+                    await node1.shim.apply(MachineSpec(name=name, image="base"))
+                await node1.stop_strays(logging.getLogger("test"))
+            finally:
+                await node1.shim.close()
+            return sorted(fake.machines)
+
+    assert asyncio.run(main()) == ["web"]
