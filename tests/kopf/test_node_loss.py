@@ -50,6 +50,7 @@ def runs(server: FakeShimServer) -> bool:
     return machine is not None and machine.phase is MachinePhase.running
 
 
+@pytest.mark.slow
 def test_wait_keeps_the_tenant_for_its_lost_node(
     api: EmulatorThread, kube: Kube, shims: dict[str, FakeShimServer]
 ) -> None:
