@@ -42,8 +42,9 @@ from bitbuilder.operator.placement import (
     Reservation,
     Verdict,
     decide,
+    live_pod,
+    next_serial,
     pin_for,
-    pod_name,
     reservation_pod,
 )
 from bitbuilder.operator.reconcile import NO_SOURCE_INTERVAL, Node, finalize, interval, reconcile
@@ -118,10 +119,13 @@ class Driver:
         name, me = tenant.metadata.name, self.node.name
         machine = tenant.status.machine if tenant.status is not None else None
         holder = machine.node if machine is not None else None
-        pod = await self.pods.read(pod_name(name))
+        pods = await self.pods.of(name)
+        pod = live_pod(pods)
         if pod is None:
-            manifest = reservation_pod(tenant, body["metadata"]["uid"], pin_for(tenant, holder))
-            pod = await self.pods.create(manifest)
+            pin, serial = pin_for(tenant, holder), next_serial(pods)
+            pod = await self.pods.create(
+                reservation_pod(tenant, body["metadata"]["uid"], pin, serial)
+            )
         reservation = Reservation.from_pod(pod)
         lost = (
             reservation.node == me
@@ -131,7 +135,7 @@ class Driver:
         verdict = decide(tenant, reservation, me, holder, lost)
         if verdict.replace:  # stop here first, then let the pod go: never two copies
             await self._stop_copy(name, holder)
-            await self.pods.delete(pod_name(name), reservation.uid)
+            await self.pods.delete(reservation.name, reservation.uid)
         return verdict
 
     async def _stop_copy(self, name: str, holder: str | None) -> None:
@@ -193,6 +197,7 @@ class Driver:
             p["metadata"]["labels"][TENANT_LABEL]
             for p in pods
             if (p.get("spec") or {}).get("nodeName") == self.node.name
+            and not p["metadata"].get("deletionTimestamp")
         }
         try:
             for machine in await self.shim.machines():
@@ -229,11 +234,9 @@ class Driver:
         name, me = body["metadata"]["name"], self.node.name
         tenant = Tenant.from_object(dict(body))
         machine = tenant.status.machine if tenant.status is not None else None
-        pod = await self.pods.read(pod_name(name))
-        nodes = {
-            Reservation.from_pod(pod).node if pod is not None else None,
-            machine.node if machine is not None else None,
-        }
+        pods = await self.pods.of(name)  # terminating ones too: their node may still run it
+        nodes = {Reservation.from_pod(pod).node for pod in pods}
+        nodes.add(machine.node if machine is not None else None)
         try:
             here = me in nodes or await self.shim.get(name) is not None
         except ShimError as exc:

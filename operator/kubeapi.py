@@ -44,7 +44,14 @@ class KubePods:
         self.core = k8s.CoreV1Api(api)
         self.namespace = namespace
 
-    async def read(self, name: str) -> Obj | None:
+    async def of(self, tenant: str) -> list[Obj]:
+        """The tenant's reservation pods (one, or more while old ones terminate)."""
+        pods = await asyncio.to_thread(
+            self.core.list_namespaced_pod, self.namespace, label_selector=f"{TENANT_LABEL}={tenant}"
+        )
+        return [self._plain(pod) for pod in pods.items]
+
+    async def _read(self, name: str) -> Obj | None:
         try:
             pod = await asyncio.to_thread(self.core.read_namespaced_pod, name, self.namespace)
         except ApiException as exc:
@@ -66,7 +73,7 @@ class KubePods:
             create: Any = self.core.create_namespaced_pod
             made = await asyncio.to_thread(create, self.namespace, pod)
         except ApiException as exc:
-            existing = await self.read(pod["metadata"]["name"]) if exc.status == 409 else None
+            existing = await self._read(pod["metadata"]["name"]) if exc.status == 409 else None
             if existing is None:
                 raise
             return existing

@@ -31,15 +31,32 @@ Obj = dict[str, Any]
 class Pods(Protocol):
     """The API calls placement needs (kubeapi.KubePods; a fake in tests)."""
 
-    async def read(self, name: str) -> Obj | None: ...
+    async def of(self, tenant: str) -> list[Obj]: ...
     async def list(self) -> list[Obj]: ...
     async def create(self, pod: Obj) -> Obj: ...
     async def delete(self, name: str, uid: str) -> None: ...
     async def node_lost(self, name: str) -> bool: ...
 
 
-def pod_name(tenant: str) -> str:
-    return f"{POD_PREFIX}{tenant}"
+def pod_name(tenant: str, serial: int) -> str:
+    """`tenant-<name>-<serial>`: a new serial when the last pod is still terminating (a pod
+    evicted from a lost node stays so until the node returns), as a ReplicaSet would not wait."""
+    return f"{POD_PREFIX}{tenant}-{serial}"
+
+
+def _serial(pod: Obj) -> int:
+    suffix = pod["metadata"]["name"].rpartition("-")[2]
+    return int(suffix) if suffix.isdigit() else -1
+
+
+def live_pod(pods: list[Obj]) -> Obj | None:
+    """The tenant's pod that is not being deleted (the newest, should there be two)."""
+    live = [p for p in pods if not p["metadata"].get("deletionTimestamp")]
+    return max(live, key=_serial, default=None)
+
+
+def next_serial(pods: list[Obj]) -> int:
+    return 1 + max((_serial(p) for p in pods), default=-1)
 
 
 def requests(tenant: Tenant) -> dict[str, str]:
@@ -72,7 +89,7 @@ def _affinity(nodes: list[str]) -> Obj:
     }
 
 
-def reservation_pod(tenant: Tenant, uid: str, pin: str | None = None) -> Obj:
+def reservation_pod(tenant: Tenant, uid: str, pin: str | None = None, serial: int = 0) -> Obj:
     """The reservation Pod for a Tenant; `pin` keeps it on that node (NodeLoss Wait)."""
     name = tenant.metadata.name
     nodes = sorted({n for n in (tenant.spec.node_name, pin) if n is not None})
@@ -109,7 +126,7 @@ def reservation_pod(tenant: Tenant, uid: str, pin: str | None = None) -> Obj:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": pod_name(name),
+            "name": pod_name(name, serial),
             "labels": {TENANT_LABEL: name, "app.kubernetes.io/name": "bitbuilder-tenant"},
             "annotations": {PLACEMENT_ANNOTATION: placement_key(tenant, pin)},
             "ownerReferences": [owner],
@@ -123,6 +140,7 @@ class Reservation:
     """What a reservation pod says: its node once bound, and why it is not (the scheduler's
     own message)."""
 
+    name: str
     uid: str
     node: str | None
     key: str | None
@@ -136,6 +154,7 @@ class Reservation:
             if cond.get("type") == "PodScheduled" and cond.get("reason") == "Unschedulable":
                 message = cond.get("message") or "no node fits"
         return cls(
+            name=meta.get("name", ""),
             uid=meta.get("uid", ""),
             node=spec.get("nodeName") or None,
             key=(meta.get("annotations") or {}).get(PLACEMENT_ANNOTATION),

@@ -44,8 +44,9 @@ def two_nodes(tenant_name: str) -> list[str]:
 
 
 def pod_of(name: str) -> dict[str, Any] | None:
-    done = kubectl("get", "pod", "-n", NAMESPACE, f"tenant-{name}", "-o", "json", check=False)
-    return json.loads(done.stdout) if done.returncode == 0 else None
+    """The Tenant's reservation pod that is not being deleted."""
+    pods = get_json("pods", "-n", NAMESPACE, "-l", f"bitbuilder.io/tenant={name}")["items"]
+    return next((p for p in pods if not p["metadata"].get("deletionTimestamp")), None)
 
 
 def running_on(name: str) -> str | None:
@@ -93,7 +94,7 @@ def test_placed_by_the_scheduler_moved_by_a_node_selector_and_placed_again(
     wait_for(lambda: running_on(tenant_name), 300, 1, "the tenant Running again")
     before = pod_of(tenant_name)
     assert before is not None
-    kubectl("delete", "pod", "-n", NAMESPACE, f"tenant-{tenant_name}", "--wait=false")
+    kubectl("delete", "pod", "-n", NAMESPACE, before["metadata"]["name"], "--wait=false")
     again = wait_for(
         lambda: (
             (p := pod_of(tenant_name))

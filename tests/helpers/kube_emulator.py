@@ -8,7 +8,8 @@ resourceVersion bump on every write, PUT and PATCH (merge, JSON patch, strategic
 as whole-object replacement with 409 on a stale resourceVersion, status subresource separation,
 the generation rule, finalizers, delete preconditions (uid), ownerReference garbage collection
 (background: dependents go when their owner is gone), pods' `binding` subresource (what the
-scheduler calls), ValidatingAdmissionPolicies stored (not enforced), lists with kind and
+scheduler calls), graceful pod deletion (a pod bound to a NotReady node stays Terminating until
+its node is Ready again; PodGC is not emulated), ValidatingAdmissionPolicies stored (not enforced), lists with kind and
 resourceVersion, label and field selectors,
 watches with timeoutSeconds and resourceVersion replay from an event ring (410 when too old),
 pruning/defaulting/validation against a CRD's openAPIV3Schema and CEL rules (422; 400 for
@@ -525,6 +526,13 @@ class Emulator(kmock.KubernetesEmulator):
         obj = copy.deepcopy(self._get(rtype, key))
         if dry:
             return obj
+        if rtype.kind == "Pod" and self._node_down(obj["spec"].get("nodeName")):
+            # Graceful deletion: only the node's kubelet ends it, so it stays Terminating
+            # while its node is NotReady (a Ready node's kubelet confirms at once).
+            if not obj["metadata"].get("deletionTimestamp"):
+                obj["metadata"]["deletionTimestamp"] = now()
+                return self._commit(rtype, key, obj, "MODIFIED")
+            return obj
         if obj["metadata"].get("finalizers"):
             if obj["metadata"].get("deletionTimestamp"):
                 return obj
@@ -551,6 +559,23 @@ class Emulator(kmock.KubernetesEmulator):
         pod["spec"]["nodeName"] = node
         self._commit(rtype, key, pod, "MODIFIED")
         return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}
+
+    def _node_down(self, name: str | None) -> bool:
+        """A node that exists and does not report Ready (pods of deleted nodes go at once)."""
+        node = self.store.get(("/v1/nodes", None, name or ""))
+        conditions = (node or {}).get("status", {}).get("conditions") or []
+        ready = next((c for c in conditions if c.get("type") == "Ready"), None)
+        return ready is not None and ready.get("status") != "True"
+
+    def _kubelet_returns(self, node: Obj) -> None:
+        """A node Ready again: its kubelet ends the pods deleted meanwhile."""
+        if self._node_down(node["metadata"]["name"]):
+            return
+        for key, obj in list(self.store.items()):
+            bound = (obj.get("spec") or {}).get("nodeName") == node["metadata"]["name"]
+            if obj.get("kind") == "Pod" and bound and obj["metadata"].get("deletionTimestamp"):
+                rtype = next(t for t in self.types.values() if t.key == key[0])
+                self._delete(rtype, key, dry=False)
 
     def _collect_dependents(self, uid: str) -> None:
         """Background garbage collection: objects owned by a deleted object go too."""
@@ -599,6 +624,8 @@ class Emulator(kmock.KubernetesEmulator):
         self.ring.append(WatchEvent(self.rv, rtype.key, key[1], kind, copy.deepcopy(obj)))
         if kind == "DELETED":
             self._collect_dependents(obj["metadata"]["uid"])
+        elif rtype.kind == "Node":
+            self._kubelet_returns(obj)
         return obj
 
     async def _notify(self) -> None:

@@ -21,7 +21,7 @@ from bitbuilder.operator.crd import tenant_crd
 from bitbuilder.operator.demohost import free_port, stop_process
 from bitbuilder.operator.handlers import Driver, build_registry, run_operator
 from bitbuilder.operator.kubeapi import KubePods, KubeSecrets, StatusWriter, client_login
-from bitbuilder.operator.placement import pod_name
+from bitbuilder.operator.placement import TENANT_LABEL, live_pod
 from bitbuilder.operator.reconcile import Node
 from bitbuilder.operator.shimclient import ShimClient
 from tests.helpers.fakeshim import FakeShim
@@ -147,7 +147,8 @@ def set_ready(kube: Kube, node: str, ready: bool) -> None:
 
 
 def pod_of(kube: Kube, name: str) -> dict[str, Any] | None:
-    return kube.get(f"{PODS}/{pod_name(name)}")
+    """The Tenant's reservation pod that is not being deleted."""
+    return live_pod(kube.ok("GET", f"{PODS}?labelSelector={TENANT_LABEL}={name}")["items"])
 
 
 @contextmanager

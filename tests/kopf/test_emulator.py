@@ -319,3 +319,33 @@ def test_a_posted_crd_is_served(kube: Kube) -> None:
     assert kube.request("POST", widgets, widget)[0] == 422
     widget["spec"]["size"] = 3
     assert kube.ok("POST", widgets, widget)["metadata"]["generation"] == 1
+
+
+def test_pods_bind_once_go_with_their_owner_and_wait_for_their_kubelet(kube: Kube) -> None:
+    """What placement relies on: binding, uid preconditions, ownerReference GC, and graceful
+    deletion (a pod on a NotReady node stays Terminating until the node is Ready again)."""
+    pods = "/api/v1/namespaces/default/pods"
+    owner = kube.ok("POST", TENANTS, tenant())
+    ref = {"apiVersion": "bitbuilder.io/v1alpha1", "kind": "Tenant", "name": "web",
+           "uid": owner["metadata"]["uid"]}  # fmt: skip
+    pod = {"metadata": {"name": "p", "ownerReferences": [ref]}, "spec": {"containers": []}}
+    created = kube.ok("POST", pods, pod)
+    binding = {"target": {"kind": "Node", "name": "node1"}}
+    assert kube.request("POST", f"{pods}/p/binding", binding)[0] == 201
+    assert kube.ok("GET", f"{pods}/p")["spec"]["nodeName"] == "node1"
+    code, answer = kube.request("POST", f"{pods}/p/binding", binding)
+    assert code == 409 and "already assigned" in answer["message"]
+    stale = {"preconditions": {"uid": "not-its-uid"}}
+    assert kube.request("DELETE", f"{pods}/p", stale)[0] == 409
+
+    not_ready = {"type": "Ready", "status": "Unknown"}
+    kube.merge("/api/v1/nodes/node1", {"status": {"conditions": [not_ready]}})
+    assert kube.ok("DELETE", f"{pods}/p")["metadata"]["deletionTimestamp"]
+    assert kube.get(f"{pods}/p") is not None, "Terminating while its kubelet is away"
+    kube.merge("/api/v1/nodes/node1", {"status": {"conditions": [{**not_ready, "status": "True"}]}})
+    assert kube.get(f"{pods}/p") is None
+
+    kube.ok("POST", pods, pod)
+    kube.ok("DELETE", f"{TENANTS}/web")
+    assert kube.get(f"{pods}/p") is None, "collected with its owner"
+    assert created["metadata"]["uid"]

@@ -27,8 +27,9 @@ class FakePods:
     def __init__(self, bound: str | None, lost: set[str], listed: list[Obj] | None = None) -> None:
         self.bound, self.lost, self.listed = bound, lost, listed or []
 
-    async def read(self, name: str) -> Obj | None:
-        return {"metadata": {"uid": "u1"}, "spec": {"nodeName": self.bound}}
+    async def of(self, tenant: str) -> list[Obj]:
+        return [{"metadata": {"name": f"tenant-{tenant}-0", "uid": "u1"},
+                 "spec": {"nodeName": self.bound}}]  # fmt: skip
 
     async def list(self) -> list[Obj]:
         return self.listed

@@ -61,7 +61,7 @@ def test_wait_keeps_the_tenant_for_its_lost_node(
             assert runs(shims[NODE]) and "web" not in shims[OTHER].fake.machines
         # node1 is lost: NotReady, its pod evicted. The new pod waits for node1, node2 idles.
         set_ready(kube, NODE, False)
-        kube.ok("DELETE", f"{PODS}/tenant-web")
+        kube.ok("DELETE", f"{PODS}/{(pod_of(kube, 'web') or {})['metadata']['name']}")
         pending = wait_for(
             lambda: status_where(kube, "web", phase="Pending"), what="web Pending for node1"
         )

@@ -189,7 +189,7 @@ def test_a_lost_node_returns_and_stops_its_stale_copy_and_deletion_survives_a_lo
         # controller marks it NotReady and evicts its pod.
         assert running(fleet[NODE], "web")
         set_ready(kube, NODE, False)
-        kube.ok("DELETE", f"{PODS}/tenant-web")
+        kube.ok("DELETE", f"{PODS}/{(pod_of(kube, 'web') or {})['metadata']['name']}")
         wait_for(lambda: running_on(kube, "web", OTHER), timeout=120, what="web on node2")
 
         # node1 returns: before anything else its operator stops the copy it no longer owns.

@@ -10,6 +10,8 @@ from bitbuilder.operator.placement import (
     PAUSE_IMAGE,
     Reservation,
     decide,
+    live_pod,
+    next_serial,
     pin_for,
     reservation_pod,
 )
@@ -124,3 +126,15 @@ def test_node_loss_wait_pins_the_new_pod_to_the_lost_node() -> None:
     pod = Reservation.from_pod({**pinned, "spec": {**pinned["spec"], "nodeName": THEM}})
     assert decide(waits, pod, THEM, THEM, False).run
     assert not decide(waits, pod, THEM, THEM, False).replace
+
+
+def test_a_terminating_pod_is_not_waited_for() -> None:
+    """An evicted pod of a lost node stays Terminating: a new one, with the next name, places
+    the tenant meanwhile."""
+    old = reservation_pod(make_tenant(), "u", serial=0)
+    old["metadata"]["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    assert live_pod([old]) is None and next_serial([old]) == 1
+    new = reservation_pod(make_tenant(), "u", serial=next_serial([old]))
+    assert new["metadata"]["name"] == "tenant-web-1"
+    assert live_pod([old, new]) is new
+    assert next_serial([]) == 0
