@@ -480,3 +480,46 @@ class ApiError(WireModel):
     error: str = Field(description="A CamelCase code, e.g. ValidationFailed, NotFound.")
     message: str
     field: str | None = None
+
+
+# --- host layers -----------------------------------------------------------------------------
+
+
+class HostLayersSpec(WireModel):
+    """Layers merged on the host itself (systemd-sysext / systemd-confext), from a git source.
+
+    The operator sends one per HostProfile selecting this node. The repo has the tenant repo's
+    sysext/ and confext/ trees (no units/, no machine.yaml); each tree must carry an
+    extension-release file that systemd would accept for the host's os-release."""
+
+    name: DnsLabel = Field(description="The HostProfile's name.")
+    source: SourceSpec
+    extensions: list[ExtensionRef] | None = Field(
+        None, max_length=32, description="Trees to merge; None = every tree the repo has."
+    )
+
+
+class HostLayersPhase(StrEnum):
+    pending = "Pending"  # accepted, nothing merged yet
+    applied = "Applied"  # the applied revision's trees are merged
+    failed = "Failed"  # nothing could be merged (no good revision yet)
+
+
+class HostLayersStatus(WireModel):
+    name: DnsLabel
+    phase: HostLayersPhase
+    spec_hash: str = Field(description="Hash of the desired spec this status answers to.")
+    source_revision: str | None = Field(None, description="`<ref>@sha1:<sha>` last fetched.")
+    applied_revision: GitCommit | None = None
+    previous_revision: GitCommit | None = Field(
+        None, description="The revision applied before, kept on disk for a rollback."
+    )
+    history: list[AppliedRevision] = Field(default_factory=list)
+    sysext: list[ExtensionName] = Field(default_factory=list, description="Merged over /usr.")
+    confext: list[ExtensionName] = Field(default_factory=list, description="Merged over /etc.")
+    source_error: ErrorInfo | None = None
+    merge_error: ErrorInfo | None = None
+
+
+class HostLayersList(WireModel):
+    items: list[HostLayersStatus]
