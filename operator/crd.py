@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from bitbuilder.hostshim.api import DNS1123_LABEL_PATTERN
+from bitbuilder.hostshim.api import DNS1123_LABEL_PATTERN, WireModel
 from bitbuilder.operator.api import (
     CATEGORIES,
     GROUP,
@@ -31,7 +31,6 @@ from bitbuilder.operator.api import (
     VERSION,
     HostProfile,
     Tenant,
-    WireModel,
 )
 
 Schema = dict[str, Any]
