@@ -361,6 +361,15 @@ class ExtensionRef(WireModel):
 RepoSetting = Literal["hostname", "environment"]
 
 
+def _reveal_credentials(data: dict[str, object], source: SourceSpec | None) -> dict[str, object]:
+    """`data` (a spec's wire form) with the source's credentials in clear."""
+    if source is not None and source.credentials is not None:
+        wire_source = data["source"]
+        assert isinstance(wire_source, dict)
+        wire_source["credentials"] = source.credentials.wire_secret()
+    return data
+
+
 class MachineSpec(WireModel):
     """Desired state of one machine. PUT twice with the same body: nothing changes."""
 
@@ -382,12 +391,7 @@ class MachineSpec(WireModel):
     def wire_secret(self) -> dict[str, object]:
         """The JSON form with credentials revealed: only for the request body to the shim and
         the shim's own 0600 state file."""
-        data = self.wire()
-        if self.source is not None and self.source.credentials is not None:
-            source = data["source"]
-            assert isinstance(source, dict)
-            source["credentials"] = self.source.credentials.wire_secret()
-        return data
+        return _reveal_credentials(self.wire(), self.source)
 
 
 # --- MachineStatus ---------------------------------------------------------------------------
@@ -497,6 +501,11 @@ class HostLayersSpec(WireModel):
     extensions: list[ExtensionRef] | None = Field(
         None, max_length=32, description="Trees to merge; None = every tree the repo has."
     )
+
+    def wire_secret(self) -> dict[str, object]:
+        """The JSON form with credentials revealed: only for the request body to the shim and
+        the shim's own 0600 state file."""
+        return _reveal_credentials(self.wire(), self.source)
 
 
 class HostLayersPhase(StrEnum):

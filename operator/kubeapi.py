@@ -12,7 +12,14 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from bitbuilder.operator.api import GROUP, OPERATOR_NAMESPACE, PLURAL, VERSION, TenantStatus
+from bitbuilder.operator.api import (
+    GROUP,
+    OPERATOR_NAMESPACE,
+    PLURAL,
+    VERSION,
+    HostProfileStatus,
+    TenantStatus,
+)
 from bitbuilder.operator.translate import SecretData, SecretNotFound
 
 Login = Callable[..., Any]
@@ -42,7 +49,9 @@ class StatusWriter:
     def __init__(self, api: k8s.ApiClient) -> None:
         self.custom = k8s.CustomObjectsApi(api)
 
-    async def write(self, name: str, status: TenantStatus) -> None:
+    async def write(
+        self, name: str, status: TenantStatus | HostProfileStatus, plural: str = PLURAL
+    ) -> None:
         value = status.model_dump(mode="json", by_alias=True, exclude_none=True)
         ops = [{"op": "add", "path": "/status", "value": value}]
         try:
@@ -50,7 +59,7 @@ class StatusWriter:
                 self.custom.patch_cluster_custom_object_status,
                 GROUP,
                 VERSION,
-                PLURAL,
+                plural,
                 name,
                 ops,
                 _content_type="application/json-patch+json",

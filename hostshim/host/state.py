@@ -74,12 +74,7 @@ class HostState(_StateModel):
 
     @field_serializer("desired")
     def _desired_with_secrets(self, spec: HostLayersSpec) -> dict[str, Any]:
-        data = spec.wire()
-        if spec.source.credentials is not None:
-            source = data["source"]
-            assert isinstance(source, dict)
-            source["credentials"] = spec.source.credentials.wire_secret()
-        return data
+        return spec.wire_secret()
 
     def record(self, applied: HostApplied) -> None:
         """Make `applied` the merged revision; the one before becomes `previous`."""
