@@ -19,6 +19,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from bitbuilder.operator import hostprofile_handlers
 from bitbuilder.operator.api import (
     FINALIZER,
     GROUP,
@@ -219,6 +220,10 @@ def build_registry(driver: Driver, login: Login) -> kopf.OperatorRegistry:
     kopf.on.delete(*tenants, id="finalize", registry=registry)(remove)
     kopf.daemon(*tenants, id="poll", cancellation_timeout=1.0, registry=registry)(poll)
     kopf.on.cleanup(registry=registry)(close)
+    host = hostprofile_handlers.HostProfileDriver(
+        driver.shim, driver.secrets, driver.status, driver.node
+    )
+    hostprofile_handlers.register(registry, host)
     return registry
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from bitbuilder.operator.crd import tenant_crd
+from bitbuilder.operator.crd import HOST_PROFILE, resource_crd, tenant_crd
 from tests.helpers.kube_emulator import Emulator, EmulatorThread
 from tests.helpers.kube_http import Kube
 from tests.kopf.support import FakeShimServer
@@ -22,8 +22,8 @@ from tests.standalone.conftest import host  # noqa: F401
 
 @pytest.fixture
 def api() -> Iterator[EmulatorThread]:
-    """A fresh emulated API server serving the Tenant CRD, on 127.0.0.1."""
-    with EmulatorThread(Emulator([tenant_crd()])) as server:
+    """A fresh emulated API server serving the Tenant and HostProfile CRDs, on 127.0.0.1."""
+    with EmulatorThread(Emulator([tenant_crd(), resource_crd(HOST_PROFILE)])) as server:
         yield server
 
 
