@@ -191,6 +191,22 @@ def test_an_unsigned_commit_is_refused_and_the_merged_revision_kept(
     assert deployed.on_host() == ("host r1\n", "tool r1\n")
 
 
+def test_a_tree_systemd_would_not_merge_is_refused_before_merging(
+    deployed: HostLayersSite,
+) -> None:
+    before = deployed.put()["appliedRevision"]
+    deployed.repo.write({"sysext/bare/usr/lib/bare/data": "no release file\n"})
+    bare = deployed.repo.commit(message="bare", signer=deployed.signer)
+    status = deployed.put()
+    error = status["sourceError"]
+    assert (error["reason"], error["revision"]) == ("InvalidRevision", f"main@sha1:{bare}")
+    assert "sysext/bare/usr/lib/extension-release.d/extension-release.bare" in error["message"]
+    assert status["appliedRevision"] == before
+    assert deployed.on_host() == ("host r1\n", "tool r1\n")
+    deployed.repo.remove("sysext/bare")
+    deployed.repo.commit(message="drop bare", signer=deployed.signer)
+
+
 def test_reboot_merges_the_applied_revision_before_tenants_without_shim_or_repo(
     deployed: HostLayersSite,
 ) -> None:
