@@ -64,7 +64,8 @@ def check_host_trees(checkout: Checkout, os_release: extrelease.OsRelease) -> No
     prefix = PurePosixPath(layout.root.relative_to(checkout.tree))
     if layout.units:
         raise LayoutError(f"{prefix / 'units'}: host layers carry only sysext/ and confext/")
-    for kind, trees in ((ExtensionType.sysext, layout.sysext), (ExtensionType.confext, layout.confext)):  # fmt: skip
+    by_kind = {ExtensionType.sysext: layout.sysext, ExtensionType.confext: layout.confext}
+    for kind, trees in by_kind.items():
         for name in trees:
             rel = PurePosixPath(
                 kind.value, name, RELEASE_DIR[kind.value], f"extension-release.{name}"
@@ -174,7 +175,10 @@ class HostLayers:
         except ShimError as exc:
             state.merge_error = self._error(exc, checkout.revision)
             log.warning("host layers %s: %s; merging the previous layers", spec.name, exc.message)
-            self.merger.merge(self._wanted(), refresh=True)
+            try:
+                self.merger.merge(self._wanted(), refresh=True)
+            except ShimError as again:  # the error above is what status shows
+                log.error("host layers: merging the previous layers failed: %s", again.message)
             return
         state.merge_error = None
         if state.applied is None or not state.applied.same_layers(applied):
@@ -200,7 +204,7 @@ class HostLayers:
                 if ext in wanted[kind]:
                     raise LayoutError(
                         f"{kind.value}/{ext}: another host profile already merges a "
-                        f"{kind.value} of that name ({owner} cannot)"
+                        f"{kind.value} of that name; rename it in {owner}'s repository"
                     )
                 wanted[kind][ext] = tree
 
