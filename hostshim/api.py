@@ -361,6 +361,15 @@ class ExtensionRef(WireModel):
 RepoSetting = Literal["hostname", "environment"]
 
 
+def _reveal_credentials(data: dict[str, object], source: SourceSpec | None) -> dict[str, object]:
+    """`data` (a spec's wire form) with the source's credentials in clear."""
+    if source is not None and source.credentials is not None:
+        wire_source = data["source"]
+        assert isinstance(wire_source, dict)
+        wire_source["credentials"] = source.credentials.wire_secret()
+    return data
+
+
 class MachineSpec(WireModel):
     """Desired state of one machine. PUT twice with the same body: nothing changes."""
 
@@ -382,12 +391,7 @@ class MachineSpec(WireModel):
     def wire_secret(self) -> dict[str, object]:
         """The JSON form with credentials revealed: only for the request body to the shim and
         the shim's own 0600 state file."""
-        data = self.wire()
-        if self.source is not None and self.source.credentials is not None:
-            source = data["source"]
-            assert isinstance(source, dict)
-            source["credentials"] = self.source.credentials.wire_secret()
-        return data
+        return _reveal_credentials(self.wire(), self.source)
 
 
 # --- MachineStatus ---------------------------------------------------------------------------
@@ -480,3 +484,51 @@ class ApiError(WireModel):
     error: str = Field(description="A CamelCase code, e.g. ValidationFailed, NotFound.")
     message: str
     field: str | None = None
+
+
+# --- host layers -----------------------------------------------------------------------------
+
+
+class HostLayersSpec(WireModel):
+    """Layers merged on the host itself (systemd-sysext / systemd-confext), from a git source.
+
+    The operator sends one per HostProfile selecting this node. The repo has the tenant repo's
+    sysext/ and confext/ trees (no units/, no machine.yaml); each tree must carry an
+    extension-release file that systemd would accept for the host's os-release."""
+
+    name: DnsLabel = Field(description="The HostProfile's name.")
+    source: SourceSpec
+    extensions: list[ExtensionRef] | None = Field(
+        None, max_length=32, description="Trees to merge; None = every tree the repo has."
+    )
+
+    def wire_secret(self) -> dict[str, object]:
+        """The JSON form with credentials revealed: only for the request body to the shim and
+        the shim's own 0600 state file."""
+        return _reveal_credentials(self.wire(), self.source)
+
+
+class HostLayersPhase(StrEnum):
+    pending = "Pending"  # accepted, nothing merged yet
+    applied = "Applied"  # the applied revision's trees are merged
+    failed = "Failed"  # nothing could be merged (no good revision yet)
+
+
+class HostLayersStatus(WireModel):
+    name: DnsLabel
+    phase: HostLayersPhase
+    spec_hash: str = Field(description="Hash of the desired spec this status answers to.")
+    source_revision: str | None = Field(None, description="`<ref>@sha1:<sha>` last fetched.")
+    applied_revision: GitCommit | None = None
+    previous_revision: GitCommit | None = Field(
+        None, description="The revision applied before, kept on disk for a rollback."
+    )
+    history: list[AppliedRevision] = Field(default_factory=list)
+    sysext: list[ExtensionName] = Field(default_factory=list, description="Merged over /usr.")
+    confext: list[ExtensionName] = Field(default_factory=list, description="Merged over /etc.")
+    source_error: ErrorInfo | None = None
+    merge_error: ErrorInfo | None = None
+
+
+class HostLayersList(WireModel):
+    items: list[HostLayersStatus]

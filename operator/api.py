@@ -344,3 +344,81 @@ def validation_message(exc: ValidationError) -> str:
         loc = ".".join(str(p) for p in err["loc"])
         parts.append(f"{loc}: {err['msg']}" if loc else str(err["msg"]))
     return "; ".join(parts)
+
+
+# --- HostProfile: layers on the host itself ---------------------------------------------------
+
+HOST_PROFILE_KIND = "HostProfile"
+HOST_PROFILE_PLURAL = "hostprofiles"
+HOST_PROFILE_SINGULAR = "hostprofile"
+HOST_PROFILE_SHORT_NAMES = ["hp"]
+
+
+class HostProfileSpec(WireModel):
+    """sysext/confext layers merged on the host itself (over its /usr and /etc) from git."""
+
+    source: TenantSource = Field(
+        description="The repository holding sysext/<name>/usr/... and confext/<name>/etc/... "
+        "trees, each with an extension-release file for the host's os-release."
+    )
+    extensions: list[ExtensionRef] | None = Field(
+        None, max_length=32, description="Trees to merge; unset = all in the repo."
+    )
+    node_selector: dict[str, Annotated[str, StringConstraints(max_length=63)]] = Field(
+        default_factory=dict,
+        description="Apply on nodes whose labels match all of these (empty: every node).",
+    )
+
+
+class HostProfilePhase(StrEnum):
+    pending = "Pending"
+    applied = "Applied"
+    failed = "Failed"
+
+
+class HostProfileStatus(WireModel):
+    """Written by the operator of the node that applied it last; never by users."""
+
+    model_config = ConfigDict(extra="ignore")  # tolerate kopf's own bookkeeping keys
+
+    phase: HostProfilePhase | None = Field(None, description="Pending, Applied or Failed.")
+    observed_generation: int | None = Field(
+        None, description="The metadata.generation this status answers to."
+    )
+    conditions: list[Condition] = Field(
+        default_factory=list, description="Ready, Stalled, Reconciling and SourceReady."
+    )
+    node: str | None = Field(None, description="The node this status was reported from.")
+    source: SourceStatus | None = Field(None, description="The repository as last seen.")
+    applied_revision: str | None = Field(None, description="Commit merged on the host now.")
+    short_revision: str | None = Field(
+        None, description="The first 7 hex digits of appliedRevision (derived, for printing)."
+    )
+    previous_revision: str | None = Field(
+        None, description="The commit merged before, kept on the host for a rollback."
+    )
+    history: list[RevisionRecord] = Field(
+        default_factory=list, description="Recently merged revisions, newest first."
+    )
+
+    @model_validator(mode="after")
+    def _derive_short_revision(self) -> HostProfileStatus:
+        self.short_revision = (self.applied_revision or "")[:7] or None
+        return self
+
+
+class HostProfile(WireModel):
+    """Layers for the BitBuilder host itself (systemd-sysext over /usr, systemd-confext over
+    /etc), following a git repository; never seen by tenants."""
+
+    api_version: Literal["bitbuilder.io/v1alpha1"] = Field(
+        "bitbuilder.io/v1alpha1", alias="apiVersion"
+    )
+    kind: Literal["HostProfile"] = "HostProfile"
+    metadata: ObjectMeta
+    spec: HostProfileSpec
+    status: HostProfileStatus | None = None
+
+    @classmethod
+    def from_object(cls, obj: dict[str, Any]) -> HostProfile:
+        return cls.model_validate(obj)

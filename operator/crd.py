@@ -11,19 +11,25 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from bitbuilder.hostshim.api import DNS1123_LABEL_PATTERN
+from bitbuilder.hostshim.api import DNS1123_LABEL_PATTERN, WireModel
 from bitbuilder.operator.api import (
     CATEGORIES,
     GROUP,
+    HOST_PROFILE_KIND,
+    HOST_PROFILE_PLURAL,
+    HOST_PROFILE_SHORT_NAMES,
+    HOST_PROFILE_SINGULAR,
     KIND,
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
     VERSION,
+    HostProfile,
     Tenant,
 )
 
@@ -75,6 +81,46 @@ _PRINTER_COLUMNS: list[Schema] = [
     },
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
+
+_HOST_PROFILE_COLUMNS: list[Schema] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Revision", "type": "string", "jsonPath": ".status.shortRevision"},
+    {"name": "Node", "type": "string", "jsonPath": ".status.node"},
+    {
+        "name": "Ready",
+        "type": "string",
+        "jsonPath": '.status.conditions[?(@.type=="Ready")].status',
+    },
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+@dataclass(frozen=True)
+class Resource:
+    """One of our kinds: its model, names and printer columns."""
+
+    model: type[WireModel]
+    kind: str
+    plural: str
+    singular: str
+    short_names: list[str]
+    columns: list[Schema]
+
+    @property
+    def crd_name(self) -> str:
+        return f"{self.plural}.{GROUP}"
+
+
+TENANT = Resource(Tenant, KIND, PLURAL, SINGULAR, SHORT_NAMES, _PRINTER_COLUMNS)
+HOST_PROFILE = Resource(
+    HostProfile,
+    HOST_PROFILE_KIND,
+    HOST_PROFILE_PLURAL,
+    HOST_PROFILE_SINGULAR,
+    HOST_PROFILE_SHORT_NAMES,
+    _HOST_PROFILE_COLUMNS,
+)
+RESOURCES = {r.kind: r for r in (TENANT, HOST_PROFILE)}
 
 # Keys pydantic emits that carry no meaning for the API server.
 _DROPPED_KEYS = frozenset({"title", "additionalProperties"})
@@ -143,18 +189,24 @@ def _fold_any_of(node: Schema, defs: dict[str, Schema]) -> Schema:
 
 def tenant_schema() -> Schema:
     """The openAPIV3Schema of the Tenant CRD."""
-    schema = Tenant.model_json_schema(by_alias=True)
+    return resource_schema(TENANT)
+
+
+def resource_schema(resource: Resource) -> Schema:
+    """The openAPIV3Schema of one kind's CRD."""
+    schema = resource.model.model_json_schema(by_alias=True)
     defs: dict[str, Schema] = schema.pop("$defs")
-    for name in _RULES:
-        if name not in defs:
-            raise ValueError(f"CEL rules for {name!r}, which no longer is a model")
+    if resource is TENANT:
+        for name in _RULES:
+            if name not in defs:
+                raise ValueError(f"CEL rules for {name!r}, which no longer is a model")
     root = _structural(schema, defs)
     props = root["properties"]
     props["apiVersion"] = {
         "type": "string",
         "description": "The versioned schema of this object: bitbuilder.io/v1alpha1.",
     }
-    props["kind"] = {"type": "string", "description": "The REST resource: Tenant."}
+    props["kind"] = {"type": "string", "description": f"The REST resource: {resource.kind}."}
     # The API server owns metadata's schema; the name rule lives in _ROOT_RULES.
     props["metadata"] = {"type": "object", "description": "Standard object metadata."}
     root["required"] = [name for name in root["required"] if name != "metadata"]
@@ -164,20 +216,25 @@ def tenant_schema() -> Schema:
 
 
 def tenant_crd() -> Schema:
-    """The CustomResourceDefinition as a plain dict."""
+    """The Tenant CustomResourceDefinition as a plain dict."""
+    return resource_crd(TENANT)
+
+
+def resource_crd(resource: Resource) -> Schema:
+    """One kind's CustomResourceDefinition as a plain dict."""
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": CRD_NAME},
+        "metadata": {"name": resource.crd_name},
         "spec": {
             "group": GROUP,
             "scope": "Cluster",
             "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": list(SHORT_NAMES),
+                "kind": resource.kind,
+                "listKind": f"{resource.kind}List",
+                "plural": resource.plural,
+                "singular": resource.singular,
+                "shortNames": list(resource.short_names),
                 "categories": list(CATEGORIES),
             },
             "versions": [
@@ -186,8 +243,8 @@ def tenant_crd() -> Schema:
                     "served": True,
                     "storage": True,
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": _PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": tenant_schema()},
+                    "additionalPrinterColumns": resource.columns,
+                    "schema": {"openAPIV3Schema": resource_schema(resource)},
                 }
             ],
         },
@@ -201,17 +258,21 @@ class _PlainDumper(yaml.SafeDumper):
         return True
 
 
-def render_crd() -> str:
-    """The CRD as deterministic YAML (sorted keys, fixed width)."""
-    return HEADER + yaml.dump(tenant_crd(), Dumper=_PlainDumper, sort_keys=True, width=100)
+def render_crd(kind: str = KIND) -> str:
+    """One kind's CRD as deterministic YAML (sorted keys, fixed width)."""
+    crd = resource_crd(RESOURCES[kind])
+    return HEADER + yaml.dump(crd, Dumper=_PlainDumper, sort_keys=True, width=100)
 
 
 def register(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """`bitbuilder crd`: print the CRD (kubectl apply -f - takes it as is)."""
-    parser = commands.add_parser("crd", help="print the Tenant CustomResourceDefinition")
+    """`bitbuilder crd`: print a CRD (kubectl apply -f - takes it as is)."""
+    parser = commands.add_parser("crd", help="print a CustomResourceDefinition (Tenant's)")
+    parser.add_argument(
+        "--kind", choices=sorted(RESOURCES), default=KIND, help="which one (default: Tenant)"
+    )
     parser.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    sys.stdout.write(render_crd())
+    sys.stdout.write(render_crd(args.kind))
     return 0

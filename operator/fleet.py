@@ -1,4 +1,5 @@
-"""The fleet repository in standalone mode: Tenant manifests from a folder or a git repo.
+"""The fleet repository in standalone mode: Tenant (and HostProfile) manifests from a folder or
+a git repo.
 
 A fleet is plain YAML files (multi-document) or a kustomization.yaml whose `resources` list
 names files and folders. Every Tenant is validated with the same models as in a cluster; a bad
@@ -20,7 +21,13 @@ import yaml
 from pydantic import ValidationError
 
 from bitbuilder.hostshim.api import GitCredentials, VerifySpec
-from bitbuilder.operator.api import GROUP, Tenant, validation_message
+from bitbuilder.operator.api import (
+    GROUP,
+    HOST_PROFILE_KIND,
+    HostProfile,
+    Tenant,
+    validation_message,
+)
 from bitbuilder.operator.fleetverify import Unverified, verify_commit
 
 KUSTOMIZATIONS = ("kustomization.yaml", "kustomization.yml", "Kustomization")
@@ -34,9 +41,10 @@ class ManifestProblem:
     file: str
     message: str
     name: str | None = None
+    kind: str = "Tenant"
 
     def __str__(self) -> str:
-        who = f" (tenant {self.name!r})" if self.name else ""
+        who = f" ({self.kind.lower()} {self.name!r})" if self.name else ""
         return f"{self.file}{who}: {self.message}"
 
 
@@ -45,11 +53,17 @@ class FleetSnapshot:
     revision: str
     tenants: dict[str, Tenant] = field(default_factory=dict)
     problems: list[ManifestProblem] = field(default_factory=list)
+    host_profiles: dict[str, HostProfile] = field(default_factory=dict)
 
     @property
     def broken_names(self) -> set[str]:
         """Tenants whose manifest is broken: still in the fleet, not to be removed."""
-        return {p.name for p in self.problems if p.name}
+        return {p.name for p in self.problems if p.name and p.kind == "Tenant"}
+
+    @property
+    def broken_profiles(self) -> set[str]:
+        """HostProfiles whose manifest is broken: their layers stay merged as they are."""
+        return {p.name for p in self.problems if p.name and p.kind == HOST_PROFILE_KIND}
 
     @property
     def complete(self) -> bool:
@@ -126,6 +140,7 @@ def read_fleet(root: Path, revision: str, path: str = "") -> FleetSnapshot:
         raise FleetError(f"fleet folder {folder} does not exist")
     problems: list[ManifestProblem] = []
     tenants: dict[str, Tenant] = {}
+    profiles: dict[str, HostProfile] = {}
     first_at: dict[str, str] = {}  # tenant name -> where its first manifest is
     seen: set[Path] = set()
     for file in manifest_files(root, folder, problems):
@@ -139,6 +154,9 @@ def read_fleet(root: Path, revision: str, path: str = "") -> FleetSnapshot:
             where = f"{rel} (document {index})"
             name = _name_of(doc)
             manifest = {k: v for k, v in doc.items() if k != "status"}
+            if doc.get("kind") == HOST_PROFILE_KIND:
+                _read_profile(manifest, where, name, profiles, problems)
+                continue
             try:
                 tenant = Tenant.from_object(manifest)
             except ValidationError as exc:
@@ -155,7 +173,32 @@ def read_fleet(root: Path, revision: str, path: str = "") -> FleetSnapshot:
                 continue
             first_at[key] = where
             tenants[key] = tenant
-    return FleetSnapshot(revision=revision, tenants=tenants, problems=problems)
+    return FleetSnapshot(
+        revision=revision, tenants=tenants, problems=problems, host_profiles=profiles
+    )
+
+
+def _read_profile(
+    manifest: dict[str, Any],
+    where: str,
+    name: str | None,
+    profiles: dict[str, HostProfile],
+    problems: list[ManifestProblem],
+) -> None:
+    """One HostProfile document; a broken or duplicated one is a problem naming it."""
+    try:
+        profile = HostProfile.from_object(manifest)
+    except ValidationError as exc:
+        problems.append(ManifestProblem(where, validation_message(exc), name, HOST_PROFILE_KIND))
+        return
+    key = profile.metadata.name
+    duplicated = any(p.name == key and p.kind == HOST_PROFILE_KIND for p in problems)
+    if key in profiles or duplicated:
+        message = "duplicate host profile name: neither is applied"
+        problems.append(ManifestProblem(where, message, key, HOST_PROFILE_KIND))
+        profiles.pop(key, None)
+        return
+    profiles[key] = profile
 
 
 def folder_revision(folder: Path) -> str:

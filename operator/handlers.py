@@ -23,6 +23,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
+from bitbuilder.operator import hostprofile_handlers
 from bitbuilder.operator.api import (
     FINALIZER,
     GROUP,
@@ -344,6 +345,10 @@ def build_registry(driver: Driver, login: Login) -> kopf.OperatorRegistry:
     kopf.on.cleanup(registry=registry)(close)
     labels = {TENANT_LABEL: kopf.PRESENT}
     kopf.on.event("", "v1", "pods", id="placement", labels=labels, registry=registry)(pod_event)
+    host = hostprofile_handlers.HostProfileDriver(
+        driver.shim, driver.secrets, driver.status, driver.node
+    )
+    hostprofile_handlers.register(registry, host)
     return registry
 
 

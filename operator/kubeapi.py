@@ -13,7 +13,14 @@ import kopf
 from kubernetes import client as k8s
 from kubernetes.client.exceptions import ApiException
 
-from bitbuilder.operator.api import GROUP, OPERATOR_NAMESPACE, PLURAL, VERSION, TenantStatus
+from bitbuilder.operator.api import (
+    GROUP,
+    OPERATOR_NAMESPACE,
+    PLURAL,
+    VERSION,
+    HostProfileStatus,
+    TenantStatus,
+)
 from bitbuilder.operator.placement import TENANT_LABEL, Obj
 from bitbuilder.operator.translate import SecretData, SecretNotFound
 
@@ -114,9 +121,11 @@ class StatusWriter:
     def __init__(self, api: k8s.ApiClient) -> None:
         self.custom = k8s.CustomObjectsApi(api)
 
-    async def write(self, name: str, status: TenantStatus) -> None:
+    async def write(
+        self, name: str, status: TenantStatus | HostProfileStatus, plural: str = PLURAL
+    ) -> None:
         value = status.model_dump(mode="json", by_alias=True, exclude_none=True)
-        await self._patch(name, [{"op": "add", "path": "/status", "value": value}])
+        await self._patch(name, [{"op": "add", "path": "/status", "value": value}], plural=plural)
 
     async def write_waiting(self, name: str, status: TenantStatus) -> None:
         """Only phase, conditions and observedGeneration (a merge patch): a node that does not
@@ -136,14 +145,18 @@ class StatusWriter:
                 raise
 
     async def _patch(
-        self, name: str, body: Obj | list[Obj], kind: str = "application/json-patch+json"
+        self,
+        name: str,
+        body: Obj | list[Obj],
+        kind: str = "application/json-patch+json",
+        plural: str = PLURAL,
     ) -> None:
         try:
             await asyncio.to_thread(
                 self.custom.patch_cluster_custom_object_status,
                 GROUP,
                 VERSION,
-                PLURAL,
+                plural,
                 name,
                 body,
                 _content_type=kind,

@@ -13,6 +13,9 @@ from pydantic import BaseModel, ValidationError
 from bitbuilder.hostshim.api import (
     API_VERSION,
     ApiError,
+    HostLayersList,
+    HostLayersSpec,
+    HostLayersStatus,
     ImageList,
     ImageSpec,
     ImageStatus,
@@ -158,6 +161,29 @@ class ShimClient:
 
     async def images(self) -> list[ImageStatus]:
         return (await self._typed(ImageList, "GET", "/images")).items
+
+    async def apply_host_layers(self, spec: HostLayersSpec) -> HostLayersStatus:
+        """PUT a host profile's layers; the shim fetches, verifies and merges before replying."""
+        return await self._typed(
+            HostLayersStatus,
+            "PUT",
+            f"/host/layers/{spec.name}",
+            body=spec.wire_secret(),  # secrets revealed only on their way into the socket
+            timeout=self.apply_timeout,
+        )
+
+    async def host_layers(self) -> list[HostLayersStatus]:
+        return (await self._typed(HostLayersList, "GET", "/host/layers")).items
+
+    async def delete_host_layers(self, name: str) -> bool:
+        """Unmerge and remove a profile's layers; False if the shim had none of that name."""
+        try:
+            await self._call("DELETE", f"/host/layers/{name}", timeout=self.apply_timeout)
+        except ShimApiError as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
 
     async def healthy(self) -> bool:
         try:

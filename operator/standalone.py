@@ -22,6 +22,7 @@ from pathlib import Path
 from bitbuilder.hostshim.api import parse_duration
 from bitbuilder.operator.api import Tenant, TenantStatus
 from bitbuilder.operator.fleet import Fleet, FleetError, FleetSnapshot, open_fleet
+from bitbuilder.operator.hostfollow import HostProfileFollower
 from bitbuilder.operator.localstate import (
     DEFAULT_STATE_DIR,
     FleetRecord,
@@ -76,20 +77,23 @@ class Standalone:
         self.fleet_wakeup = asyncio.Event()
         self.limit = asyncio.Semaphore(concurrency)
         self.snapshot: FleetSnapshot | None = None
+        self.host = HostProfileFollower(shim, secrets, node)
 
     # --- the fleet ----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         """Follow the fleet until `stop` is set. Machines keep running after that."""
+        host = asyncio.create_task(self.host.run(stop), name="host-profiles")
         try:
             while not stop.is_set():
                 await self.refresh_fleet()
                 await _wait_any(self.fleet_wakeup, stop, timeout=jittered(self.fleet_interval))
                 self.fleet_wakeup.clear()
         finally:
-            for task in self.workers.values():
+            tasks = [host, *self.workers.values()]
+            for task in tasks:
                 task.cancel()
-            await asyncio.gather(*self.workers.values(), return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
 
     async def refresh_fleet(self) -> FleetSnapshot | None:
         record = FleetRecord(source=self.fleet.url, checked=utcnow())
@@ -129,6 +133,7 @@ class Standalone:
         return snapshot
 
     def _apply(self, snapshot: FleetSnapshot) -> None:
+        self.host.update(snapshot)
         for name, tenant in snapshot.tenants.items():
             if self.desired.get(name) != tenant:
                 self.desired[name] = tenant

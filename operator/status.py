@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Literal
+from typing import Literal, Protocol
 
 from bitbuilder.hostshim.api import MachinePhase, MachineStatus
 from bitbuilder.operator.api import (
@@ -251,14 +251,20 @@ def blocking_problem(status: TenantStatus | None) -> str | None:
     return None
 
 
-def find_condition(status: TenantStatus | None, type_: str) -> Condition | None:
+class HasConditions(Protocol):
+    """A status with kstatus conditions (a Tenant's or a HostProfile's)."""
+
+    conditions: list[Condition]
+
+
+def find_condition(status: HasConditions | None, type_: str) -> Condition | None:
     if status is None:
         return None
     return next((c for c in status.conditions if c.type == type_), None)
 
 
 def set_condition(
-    previous: TenantStatus, type_: str, verdict: Verdict, now: datetime, generation: int | None
+    previous: HasConditions, type_: str, verdict: Verdict, now: datetime, generation: int | None
 ) -> Condition:
     """lastTransitionTime moves only when the status does."""
     old = find_condition(previous, type_)

@@ -73,7 +73,13 @@ class TenantSecrets:
 
 
 async def load_secrets(tenant: Tenant, resolver: SecretResolver) -> TenantSecrets:
-    source = tenant.spec.source
+    return await load_source_secrets(tenant.spec.source, resolver)
+
+
+async def load_source_secrets(
+    source: TenantSource | None, resolver: SecretResolver
+) -> TenantSecrets:
+    """The secrets a source refers to (a Tenant's or a HostProfile's)."""
     if source is None:
         return TenantSecrets()
     creds = None if source.secret_ref is None else await resolver.read(source.secret_ref.name)

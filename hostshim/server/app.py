@@ -30,6 +30,8 @@ from bitbuilder.hostshim.api import (
     API_VERSION,
     DNS1123_LABEL_PATTERN,
     ApiError,
+    HostLayersList,
+    HostLayersSpec,
     ImageList,
     ImageSpec,
     MachineList,
@@ -37,6 +39,7 @@ from bitbuilder.hostshim.api import (
 )
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import ShimError
+from bitbuilder.hostshim.host.layers import HostLayers
 from bitbuilder.hostshim.machine.manager import MachineManager
 from bitbuilder.hostshim.server.openapi import openapi_document
 
@@ -207,9 +210,14 @@ class ShimApp:
     """Routes and the worker pools behind them."""
 
     def __init__(
-        self, manager: MachineManager, config: ShimConfig, drift_interval: float | None
+        self,
+        manager: MachineManager,
+        config: ShimConfig,
+        drift_interval: float | None,
+        host: HostLayers | None = None,
     ) -> None:
         self.manager = manager
+        self.host = host or HostLayers(config)
         self.config = config
         self.drift_interval = drift_interval
         # Long work (git, starting machines) and quick reads get separate threads, so a burst
@@ -241,6 +249,10 @@ class ShimApp:
         app.router.add_get(f"{v}/images", self.list_images)
         app.router.add_get(f"{v}/images/{{name}}", self.get_image)
         app.router.add_put(f"{v}/images/{{name}}", self.put_image)
+        app.router.add_get(f"{v}/host/layers", self.list_host_layers)
+        app.router.add_get(f"{v}/host/layers/{{name}}", self.get_host_layers)
+        app.router.add_put(f"{v}/host/layers/{{name}}", self.put_host_layers)
+        app.router.add_delete(f"{v}/host/layers/{{name}}", self.delete_host_layers)
         app.on_startup.append(self._start_background)
         app.on_cleanup.append(self._stop_background)
         return app
@@ -331,6 +343,35 @@ class ShimApp:
         _query(request)
         spec = _validate(ImageSpec, await _json_body(request))
         return web.json_response((await self.work(self.manager.put_image, name, spec)).wire())
+
+    async def list_host_layers(self, request: web.Request) -> web.Response:
+        _query(request)
+        items = await self.read(self.host.list_all)
+        return web.json_response(HostLayersList(items=items).wire())
+
+    async def get_host_layers(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        _query(request)
+        return web.json_response((await self.read(self.host.get, name)).wire())
+
+    async def put_host_layers(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        _query(request)
+        spec = _validate(HostLayersSpec, await _json_body(request))
+        if spec.name != name:
+            raise ApiProblem(
+                422,
+                "ValidationFailed",
+                f"name: the body names {spec.name!r}, the path {name!r}",
+                "name",
+            )
+        return web.json_response((await self.work(self.host.apply, spec)).wire())
+
+    async def delete_host_layers(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        _query(request)
+        await self.work(self.host.delete, name)
+        return web.json_response({"deleted": name})
 
 
 _STATE = web.AppKey("shim", ShimApp)

@@ -10,6 +10,9 @@ from pydantic.json_schema import models_json_schema
 from bitbuilder.hostshim.api import (
     API_VERSION,
     ApiError,
+    HostLayersList,
+    HostLayersSpec,
+    HostLayersStatus,
     ImageList,
     ImageSpec,
     ImageStatus,
@@ -22,12 +25,15 @@ Mode = Literal["validation", "serialization"]
 _BODIES: list[tuple[type[BaseModel], Mode]] = [
     (MachineSpec, "validation"),
     (ImageSpec, "validation"),
+    (HostLayersSpec, "validation"),
 ]
 _REPLIES: list[tuple[type[BaseModel], Mode]] = [
     (MachineStatus, "serialization"),
     (MachineList, "serialization"),
     (ImageStatus, "serialization"),
     (ImageList, "serialization"),
+    (HostLayersStatus, "serialization"),
+    (HostLayersList, "serialization"),
     (ApiError, "serialization"),
 ]
 
@@ -88,6 +94,7 @@ def openapi_document() -> dict[str, Any]:
         "schema": {"type": "string", "enum": ["true", "false"]},
     }
     machine, image = _name_param("machine"), _name_param("image")
+    host_layers = _name_param("host profile")
     prefix = f"/{API_VERSION}"
     paths: dict[str, Any] = {
         "/healthz": {"get": {"summary": "Liveness", "responses": ok(None, "The shim serves.")}},
@@ -135,6 +142,30 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Import a base image (idempotent, sha256-verified)",
                 "requestBody": body(ImageSpec),
                 "responses": ok(ImageStatus, "The imported image.", *writes),
+            },
+        },
+        f"{prefix}/host/layers": {
+            "get": {
+                "summary": "Every host profile's layers",
+                "responses": ok(HostLayersList, "Each profile's status."),
+            }
+        },
+        f"{prefix}/host/layers/{{name}}": {
+            "parameters": [host_layers],
+            "get": {"summary": "One profile", "responses": ok(HostLayersStatus, "Its status.")},
+            "put": {
+                "summary": "Fetch, verify and merge the profile's layers on the host",
+                "requestBody": body(HostLayersSpec),
+                "responses": ok(
+                    HostLayersStatus,
+                    "Status after merging; a refused revision is in sourceError or mergeError "
+                    "and the merged one stays.",
+                    *writes,
+                ),
+            },
+            "delete": {
+                "summary": "Unmerge the profile's layers and remove them",
+                "responses": ok(None, "Removed."),
             },
         },
     }

@@ -139,19 +139,24 @@ class GitSource:
             repo.free()
         return peeled or direct
 
-    def sync(self, spec: MachineSpec) -> Checkout:
-        """Bring the ref's commit into a checked-out, verified, layout-checked revision tree."""
+    def sync(
+        self, spec: MachineSpec, *, os_release: extrelease.OsRelease | None = None
+    ) -> Checkout:
+        """Bring the ref's commit into a checked-out, verified, layout-checked revision tree.
+
+        Extension releases are checked against `os_release` when given (the host's own, for
+        host layers), else against the spec's image."""
         source = spec.source
         if source is None:
             raise SourceError("the machine has no source", reason="NoSource")
         self._check_allowed(source.url)
         try:
-            return self._sync(spec, source)
+            return self._sync(spec, source, os_release)
         except LocalCorruption as exc:
             # Start from an empty repository, once; a corrupt remote is reported as it is.
             log.warning("%s: %s; re-cloning the repository", self.paths.name, exc.message)
             safepath.remove_tree(self.paths.repo)
-            return self._sync(spec, source)
+            return self._sync(spec, source, os_release)
 
     def prune(self, keep: Collection[str]) -> None:
         """Drop revision trees (and leftovers of interrupted checkouts) not in `keep`."""
@@ -172,17 +177,23 @@ class GitSource:
 
     # --- steps --------------------------------------------------------------------------------
 
-    def _sync(self, spec: MachineSpec, source: SourceSpec) -> Checkout:
+    def _sync(
+        self, spec: MachineSpec, source: SourceSpec, os_release: extrelease.OsRelease | None
+    ) -> Checkout:
         repo = self._open(source.url)
         try:
-            return self._sync_repo(repo, spec, source)
+            return self._sync_repo(repo, spec, source, os_release)
         finally:
             # libgit2 caches pack files process-wide by path: release them now, or a re-clone
             # into the same path would read the old (maybe corrupt) packs.
             repo.free()
 
     def _sync_repo(
-        self, repo: pygit2.Repository, spec: MachineSpec, source: SourceSpec
+        self,
+        repo: pygit2.Repository,
+        spec: MachineSpec,
+        source: SourceSpec,
+        os_release: extrelease.OsRelease | None,
     ) -> Checkout:
         commit, forced_from = self._fetch(repo, source)
         if forced_from:
@@ -197,7 +208,9 @@ class GitSource:
                 signed = (signature, payload) if signature else None
                 signing.verify_commit(commit, signed, source.verify)
             tree = self._checkout(repo, commit)
-            layout = load_layout(tree, spec, os_release=self._os_release(spec.image))
+            if os_release is None:
+                os_release = self._os_release(spec.image)
+            layout = load_layout(tree, spec, os_release=os_release)
         except SourceError as exc:
             exc.revision = revision  # status names the refused revision
             raise

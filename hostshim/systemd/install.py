@@ -23,10 +23,17 @@ from bitbuilder.hostshim.systemd import networkd, systemctl
 
 GENERATOR_NAME = "bitbuilder-hostshim-generator"
 # The commands the units run.
-ENTRY_POINTS = ("bitbuilder-hostshim", "bitbuilder-hostshim-restore")
+ENTRY_POINTS = (
+    "bitbuilder-hostshim", "bitbuilder-hostshim-restore", "bitbuilder-hostshim-host-restore"
+)  # fmt: skip
 # What systemd searches for a unit's non-absolute ExecStart= binary (systemd.service(5)).
 SYSTEMD_EXEC_PATH = ("/usr/local/sbin", "/usr/local/bin", "/usr/sbin", "/usr/bin")
-UNITS = ("bitbuilder-hostshim.service", "bitbuilder-hostshim.socket", "setup-tenant@.service")
+UNITS = (
+    "bitbuilder-hostshim.service",
+    "bitbuilder-hostshim.socket",
+    "setup-tenant@.service",
+    "bitbuilder-host-layers.service",
+)
 
 
 def shipped_unit(name: str) -> str:
@@ -118,7 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         systemctl.daemon_reload()
         networkd.reload()
     if args.enable:
-        systemctl.enable_now("bitbuilder-hostshim.socket", "bitbuilder-hostshim.service")
+        systemctl.enable_now(
+            "bitbuilder-hostshim.socket",
+            "bitbuilder-hostshim.service",
+            "bitbuilder-host-layers.service",
+        )
     return 0
 
 

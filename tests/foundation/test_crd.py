@@ -7,10 +7,11 @@ from typing import Any
 
 import jsonschema
 import pytest
+import yaml
 
 from bitbuilder.operator import cli
 from bitbuilder.operator.crd import render_crd
-from tests.foundation.conftest import CRD_FILE, HEALTH_DIR, load_documents
+from tests.foundation.conftest import CRD_FILE, EXAMPLES, HEALTH_DIR, load_documents
 from tests.helpers.cel_rules import cel_violations, compile_rule
 from tests.helpers.kube_schema import ResourceType, admit, jsonpath
 
@@ -209,3 +210,33 @@ def test_printer_columns_read_a_live_tenant(crd: Obj) -> None:
         "Age": "2026-11-20T10:00:00Z",
     }
     assert [c["type"] for c in rtype.printer_columns][-1] == "date"
+
+
+HOST_PROFILE_CRD_FILE = CRD_FILE.with_name("hostprofiles.bitbuilder.io.yaml")
+
+
+def test_committed_host_profile_crd_is_what_the_models_render(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert HOST_PROFILE_CRD_FILE.read_text() == render_crd("HostProfile"), (
+        "crds/hostprofiles.bitbuilder.io.yaml is stale: run "
+        "`bitbuilder crd --kind HostProfile > crds/hostprofiles.bitbuilder.io.yaml`"
+    )
+    assert cli.main(["crd", "--kind", "HostProfile"]) == 0
+    assert capsys.readouterr().out == HOST_PROFILE_CRD_FILE.read_text()
+
+
+def test_host_profile_example_is_admitted_and_printed() -> None:
+    crd = yaml.safe_load(HOST_PROFILE_CRD_FILE.read_text())
+    rtype = ResourceType.from_crd(crd)
+    assert (rtype.kind, rtype.plural, rtype.namespaced) == ("HostProfile", "hostprofiles", False)
+    [profile] = load_documents(EXAMPLES / "hostprofiles" / "base.yaml")
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    admitted = admit(rtype, profile)
+    assert (admitted.errors, admitted.pruned) == ([], [])
+    assert cel_violations(schema, profile) == []
+    profile["status"] = {"phase": "Applied", "shortRevision": "3f1c2a9", "node": "node-1"}
+    cells = {c["name"]: jsonpath(profile, c["jsonPath"]) for c in rtype.printer_columns}
+    assert (cells["Phase"], cells["Revision"], cells["Node"]) == ("Applied", "3f1c2a9", "node-1")
+    bad = {**profile, "spec": {"source": {"url": "https://x.example/r.git", "ref": {}}}}
+    assert cel_violations(schema, bad), "a ref with neither branch, tag nor commit is refused"

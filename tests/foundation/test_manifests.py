@@ -42,6 +42,7 @@ def base() -> dict[tuple[str, str], Obj]:
 def test_base_renders_crd_namespace_rbac_and_workload(base: dict[tuple[str, str], Obj]) -> None:
     assert set(base) == {
         ("CustomResourceDefinition", "tenants.bitbuilder.io"),
+        ("CustomResourceDefinition", "hostprofiles.bitbuilder.io"),
         ("Namespace", "bitbuilder-system"),
         ("ServiceAccount", "bitbuilder-operator"),
         ("ClusterRole", "bitbuilder-operator"),
@@ -78,6 +79,8 @@ def test_rbac_is_least_privilege(base: dict[tuple[str, str], Obj]) -> None:
     assert {("bitbuilder.io", "tenants", v) for v in ("get", "list", "watch", "patch")} <= cluster
     assert ("bitbuilder.io", "tenants/status", "patch") in cluster
     assert ("bitbuilder.io", "tenants/finalizers", "update") in cluster
+    assert {("bitbuilder.io", "hostprofiles", v) for v in ("get", "list", "watch")} <= cluster
+    assert ("bitbuilder.io", "hostprofiles/status", "patch") in cluster
     assert ("", "events", "create") in cluster
     assert not any(verb == "delete" for _, _, verb in cluster)
     assert not any(resource == "secrets" for _, resource, _ in cluster)

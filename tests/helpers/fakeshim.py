@@ -22,6 +22,10 @@ from bitbuilder.hostshim.api import (
     ApiError,
     AppliedRevision,
     ErrorInfo,
+    HostLayersList,
+    HostLayersPhase,
+    HostLayersSpec,
+    HostLayersStatus,
     ImageList,
     ImageSpec,
     ImageStatus,
@@ -55,6 +59,30 @@ class FakeShim:
     requests: list[tuple[str, str]] = field(default_factory=list)
     apply_seconds: float = 0.0  # how long a PUT "works" (GET shows Updating/Pending meanwhile)
     bodies: list[dict[str, object]] = field(default_factory=list)
+    host_specs: dict[str, HostLayersSpec] = field(default_factory=dict)
+    host_layers: dict[str, HostLayersStatus] = field(default_factory=dict)
+
+    def host_status_for(self, spec: HostLayersSpec) -> HostLayersStatus:
+        """Like the shim: the remote's head merged unless it is refused (source_errors)."""
+        old = self.host_layers.get(spec.name)
+        head, error = self.heads.get(spec.name), self.source_errors.get(spec.name)
+        applied = old.applied_revision if old else None
+        previous = old.previous_revision if old else None
+        history = list(old.history) if old else []
+        if head is not None and error is None and head != applied:
+            previous, applied = applied, head
+            history.insert(0, AppliedRevision(revision=head, applied_at=datetime.now(UTC)))
+        phase = HostLayersPhase.applied if applied else HostLayersPhase.failed
+        return HostLayersStatus(
+            name=spec.name,
+            phase=phase if applied or error else HostLayersPhase.pending,
+            spec_hash=hashlib.sha256(json.dumps(spec.wire()).encode()).hexdigest(),
+            source_revision=f"{spec.source.ref.describe()}@sha1:{head}" if head else None,
+            applied_revision=applied,
+            previous_revision=previous,
+            history=history,
+            source_error=error,
+        )
 
     def status_for(self, spec: MachineSpec) -> MachineStatus:
         now = datetime.now(UTC)
@@ -87,7 +115,14 @@ class FakeShim:
 
 
 def _json(
-    model: MachineStatus | MachineList | ImageStatus | ImageList | ApiError, code: int = 200
+    model: MachineStatus
+    | MachineList
+    | ImageStatus
+    | ImageList
+    | HostLayersStatus
+    | HostLayersList
+    | ApiError,
+    code: int = 200,
 ) -> web.Response:
     return web.json_response(model.wire(), status=code)
 
@@ -140,6 +175,24 @@ def _app(fake: FakeShim) -> web.Application:
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok")
 
+    async def put_host_layers(request: web.Request) -> web.Response:
+        fake.requests.append(("PUT-HOST", request.match_info["name"]))
+        spec = HostLayersSpec.model_validate(await request.json())
+        fake.host_specs[spec.name] = spec
+        fake.host_layers[spec.name] = fake.host_status_for(spec)
+        return _json(fake.host_layers[spec.name])
+
+    async def list_host_layers(request: web.Request) -> web.Response:
+        return _json(HostLayersList(items=list(fake.host_layers.values())))
+
+    async def delete_host_layers(request: web.Request) -> web.Response:
+        name = request.match_info["name"]
+        fake.requests.append(("DELETE-HOST", name))
+        if fake.host_layers.pop(name, None) is None:
+            return _json(ApiError(error="NotFound", message=f"no host layers {name}"), 404)
+        fake.host_specs.pop(name, None)
+        return web.json_response({"deleted": name})
+
     app = web.Application()
     app.router.add_put("/v1/machines/{name}", put_machine)
     app.router.add_get("/v1/machines/{name}", get_machine)
@@ -148,6 +201,9 @@ def _app(fake: FakeShim) -> web.Application:
     app.router.add_put("/v1/images/{name}", put_image)
     app.router.add_get("/v1/images", list_images)
     app.router.add_get("/healthz", healthz)
+    app.router.add_put("/v1/host/layers/{name}", put_host_layers)
+    app.router.add_get("/v1/host/layers", list_host_layers)
+    app.router.add_delete("/v1/host/layers/{name}", delete_host_layers)
     return app
 
 

@@ -17,7 +17,7 @@ from aiohttp import web
 from kubernetes import client as k8s
 
 from bitbuilder.operator.api import OPERATOR_NAMESPACE, RECONCILE_REQUESTED_ANNOTATION
-from bitbuilder.operator.crd import tenant_crd
+from bitbuilder.operator.crd import HOST_PROFILE, resource_crd, tenant_crd
 from bitbuilder.operator.demohost import free_port, stop_process
 from bitbuilder.operator.handlers import Driver, build_registry, run_operator
 from bitbuilder.operator.kubeapi import KubePods, KubeSecrets, StatusWriter, client_login
@@ -126,9 +126,10 @@ def add_node(kube: Kube, name: str, **labels: str) -> None:
 
 @contextmanager
 def emulated_cluster() -> Iterator[EmulatorThread]:
-    """A fresh emulated API server serving the Tenant CRD, on 127.0.0.1, with one Ready node
-    (NODE), the operator's namespace and the stand-in scheduler binding reservation pods."""
-    with EmulatorThread(Emulator([tenant_crd()])) as server:
+    """A fresh emulated API server serving the Tenant and HostProfile CRDs, on 127.0.0.1, with
+    one Ready node (NODE), the operator's namespace and the stand-in scheduler binding
+    reservation pods."""
+    with EmulatorThread(Emulator([tenant_crd(), resource_crd(HOST_PROFILE)])) as server:
         kube = Kube(server.url)
         kube.ok("POST", "/api/v1/namespaces", {"metadata": {"name": OPERATOR_NAMESPACE}})
         add_node(kube, NODE)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -62,8 +63,10 @@ def test_wait_keeps_the_tenant_for_its_lost_node(
         # node1 is lost: NotReady, its pod evicted. The new pod waits for node1, node2 idles.
         set_ready(kube, NODE, False)
         kube.ok("DELETE", f"{PODS}/{(pod_of(kube, 'web') or {})['metadata']['name']}")
+        # Pending comes first ('waiting for the scheduler'); the scheduler's verdict follows.
         pending = wait_for(
-            lambda: status_where(kube, "web", phase="Pending"), what="web Pending for node1"
+            lambda: _unschedulable(status_where(kube, "web", phase="Pending")),
+            what="web Pending for node1, unschedulable elsewhere",
         )
         assert "didn't match" in condition(pending, "Ready")["message"]
         pod = pod_of(kube, "web")
@@ -75,3 +78,7 @@ def test_wait_keeps_the_tenant_for_its_lost_node(
             back = wait_for(lambda: status_where(kube, "web", phase="Running"), what="web back")
             assert back["status"]["machine"]["node"] == NODE
             assert runs(shims[NODE]) and "web" not in shims[OTHER].fake.machines
+
+
+def _unschedulable(obj: dict[str, Any] | None) -> dict[str, Any] | None:
+    return obj if "didn't match" in condition(obj, "Ready").get("message", "") else None

@@ -13,6 +13,8 @@ ROUTES = {
     ("get", "/v1/machines/{name}"), ("put", "/v1/machines/{name}"),
     ("delete", "/v1/machines/{name}"), ("post", "/v1/machines/{name}/restart"),
     ("get", "/v1/images"), ("get", "/v1/images/{name}"), ("put", "/v1/images/{name}"),
+    ("get", "/v1/host/layers"), ("get", "/v1/host/layers/{name}"),
+    ("put", "/v1/host/layers/{name}"), ("delete", "/v1/host/layers/{name}"),
 }  # fmt: skip
 
 

@@ -239,6 +239,7 @@ def test_shipped_units_verify(deployment: Deployment) -> None:
         "/etc/systemd/system/bitbuilder-hostshim.service",
         "/etc/systemd/system/bitbuilder-hostshim.socket",
         "/etc/systemd/system/setup-tenant@.service",
+        "/etc/systemd/system/bitbuilder-host-layers.service",
         check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

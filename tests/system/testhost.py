@@ -52,6 +52,7 @@ PACKAGES = (
     "ca-certificates",  # pygit2 loads the system's CA bundle when imported
     "nftables",  # the shim filters each tenant link
     "libexpat1",  # Debian's python3 binary links it (when that is the bound interpreter)
+    "openssh-client",  # ssh-keygen -Y verify: signed host-layer commits are checked inside
 )
 # Bump when configure() changes: it is part of the cache key.
 SCRIPT_VERSION = "6"
