@@ -33,6 +33,7 @@ from bitbuilder.hostshim.machine.runtime.nspawn import (
     InitKind,
     NspawnMachine,
     check_path,
+    check_user_namespaces,
     detect_init,
     find_leader,
     init_ready,
@@ -91,6 +92,7 @@ def check_spec(spec: MachineSpec) -> None:
         )
     if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
         raise MachineError("port forwards need network mode isolated", reason="InvalidSpec")
+    check_user_namespaces()
 
 
 class Runner:

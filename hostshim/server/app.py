@@ -36,7 +36,7 @@ from bitbuilder.hostshim.api import (
     MachineSpec,
 )
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.errors import ShimError
+from bitbuilder.hostshim.errors import ShimError, host_error_from
 from bitbuilder.hostshim.machine.manager import MachineManager
 from bitbuilder.hostshim.server.openapi import openapi_document
 
@@ -94,7 +94,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if "Allow" in exc.headers:  # 405 says which methods the route takes
             reply.headers["Allow"] = exc.headers["Allow"]
         return reply
-    except Exception:
+    except Exception as exc:
+        # A full or read-only disk is the host's condition, not a bug: say what to change.
+        host = host_error_from(exc, f"{request.method} {request.path}")
+        if host is not None:
+            log.error("%s", host.message)
+            return _reply(host.status, host.reason, host.message)
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return _reply(500, "InternalError", "the shim failed unexpectedly; see its log")
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.errors import HostError, MachineError
 from bitbuilder.hostshim.paths import checked_name
 
 NSPAWN = "systemd-nspawn"
@@ -27,6 +27,9 @@ _HOST_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _UNSAFE_PATH = re.compile(r"[\x00-\x1f\x7f:,\\]")
 _IFNAME = re.compile(r"^[a-z0-9]{1,15}$")
 MAX_ENV_VALUE = 4096
+# How many user namespaces may exist: 0 (or no such file: a kernel without them) means none,
+# and every machine runs in its own (--private-users=pick).
+MAX_USER_NAMESPACES = Path("/proc/sys/user/max_user_namespaces")
 
 
 class InitKind(StrEnum):
@@ -71,6 +74,25 @@ def detect_init(rootfs: Path) -> InitKind:
     ):
         return InitKind.systemd
     return InitKind.other
+
+
+def check_user_namespaces() -> None:
+    """Refuse a start that nspawn would fail obscurely: the host allows no user namespaces."""
+    try:
+        allowed = int(MAX_USER_NAMESPACES.read_text().strip() or "0")
+    except FileNotFoundError:
+        raise HostError(
+            "this kernel has no user namespaces (no /proc/sys/user/max_user_namespaces): every "
+            "machine runs in its own, so boot a kernel built with CONFIG_USER_NS=y",
+            reason="UserNamespacesDisabled",
+        ) from None
+    if allowed <= 0:
+        raise HostError(
+            f"user namespaces are disabled on this host (user.max_user_namespaces = {allowed}): "
+            "every machine runs in its own, so set it higher (sysctl -w "
+            "user.max_user_namespaces=65536, and in /etc/sysctl.d to keep it)",
+            reason="UserNamespacesDisabled",
+        )
 
 
 def check_hostname(value: str) -> str:
