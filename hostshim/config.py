@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,9 @@ class ShimConfig:
     # file:// tenant repos are only allowed under these roots (none by default: a tenant must
     # not read the host's own repositories).
     file_source_roots: tuple[Path, ...] = ()
+    # Networks a tenant source URL may resolve into although they reach the host itself
+    # (loopback, link-local, the host's own addresses, the machine links): none by default.
+    source_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     # "auto" picks systemd when PID 1 is systemd, else the direct executor.
     executor: str = "auto"
     node_name: str = field(default_factory=lambda: os.uname().nodename)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import ipaddress
 import logging
 import signal
 import socket
@@ -77,6 +78,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="root under which file:// tenant repos are allowed (repeatable)",
     )  # fmt: skip
     parser.add_argument(
+        "--allow-source-network", type=ipaddress.ip_network, action="append", default=[],
+        metavar="CIDR",
+        help="let tenant source URLs reach this network although it is the host's own "
+        "(loopback, link-local, the host's addresses; refused by default; repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--executor", choices=("auto", "direct", "systemd"), default="auto",
         help="auto: systemd units where PID 1 is systemd, else detached processes (default: auto)",
     )  # fmt: skip
@@ -103,6 +110,7 @@ def config_from(args: argparse.Namespace) -> ShimConfig:
         allowed_gids=frozenset(args.allow_gid),
         trusted_image_paths=tuple(p.absolute() for p in args.trusted_image_path),
         file_source_roots=tuple(p.absolute() for p in args.file_source_root),
+        source_networks=tuple(args.allow_source_network),
         executor=args.executor,
     )
 
