@@ -278,7 +278,7 @@ class GitSource:
     def _advertised(self, repo: pygit2.Repository, source: SourceSpec) -> tuple[str, str | None]:
         """(the ref's oid, its peeled commit if advertised) from the remote's ref list."""
         heads = self._remote(repo, source, lambda r, cb: r.list_heads(callbacks=cb))
-        size = sum(len(h.name) for h in heads)
+        size = sum(len(h.name or "") for h in heads)
         if len(heads) > MAX_REFS or size > MAX_REF_NAME_BYTES:
             raise SourceError(
                 f"{source.url}: the remote advertises {len(heads)} refs ({size} bytes of "
