@@ -37,6 +37,18 @@ from bitbuilder.hostshim.systemd.activation import listen_socket
 log = logging.getLogger("bitbuilder.hostshim")
 
 
+def port_range(text: str) -> tuple[int, int]:
+    """'LOW-HIGH', both unprivileged ports, LOW <= HIGH."""
+    low, sep, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        bounds = (0, 0)
+    if not sep or not 1024 <= bounds[0] <= bounds[1] <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LOW-HIGH within 1024-65535")
+    return bounds
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="bitbuilder-hostshim",
@@ -84,6 +96,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(loopback, link-local, the host's addresses; refused by default; repeatable)",
     )  # fmt: skip
     parser.add_argument(
+        "--host-port-range", type=port_range, default=ShimConfig.host_port_range,
+        metavar="LOW-HIGH",
+        help="host ports a tenant's port forward may take (default: 30000-32767)",
+    )  # fmt: skip
+    parser.add_argument(
         "--executor", choices=("auto", "direct", "systemd"), default="auto",
         help="auto: systemd units where PID 1 is systemd, else detached processes (default: auto)",
     )  # fmt: skip
@@ -111,6 +128,7 @@ def config_from(args: argparse.Namespace) -> ShimConfig:
         trusted_image_paths=tuple(p.absolute() for p in args.trusted_image_path),
         file_source_roots=tuple(p.absolute() for p in args.file_source_root),
         source_networks=tuple(args.allow_source_network),
+        host_port_range=args.host_port_range,
         executor=args.executor,
     )
 

@@ -38,6 +38,7 @@ from bitbuilder.hostshim.api import (
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import ShimError, host_error_from
 from bitbuilder.hostshim.machine.manager import MachineManager
+from bitbuilder.hostshim.policy import host_port_refusal
 from bitbuilder.hostshim.server.openapi import openapi_document
 
 log = logging.getLogger(__name__)
@@ -308,6 +309,9 @@ class ShimApp:
                 f"name: the body names {spec.name!r}, the path {name!r}",
                 "name",
             )
+        refused = host_port_refusal(spec, self.config)
+        if refused is not None:
+            raise ApiProblem(422, "HostPortNotAllowed", *refused)
         return web.json_response((await self.work(self.manager.apply, spec)).wire())
 
     async def delete_machine(self, request: web.Request) -> web.Response:

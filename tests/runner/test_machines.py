@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import re
+import socket
 import subprocess
 import urllib.request
 import uuid
@@ -20,7 +22,6 @@ from bitbuilder.hostshim.machine.runner import RunningMachine
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.source.git import Checkout
 from bitbuilder.hostshim.source.layout import Layout, RepoSettings
-from bitbuilder.operator.demohost import free_port
 from tests.helpers.treesnap import tree_snapshot
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, assert_gone, needs_nspawn, unique_name
@@ -208,8 +209,21 @@ def test_start_twice_is_refused(shim: Shim) -> None:
     assert shim.runner.inspect(machine.name) == machine
 
 
+def free_host_port(shim: Shim) -> int:
+    """A port in the shim's host port range that nothing on this host listens on."""
+    low, high = shim.config.host_port_range
+    for port in random.sample(range(low, high + 1), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {low}-{high}")
+
+
 def test_port_forward_from_host_loopback(shim: Shim) -> None:
-    port = free_port()
+    port = free_host_port(shim)
     machine = shim.start(network={"ports": [{"port": 8080, "hostPort": port}]})
     assert wait_for(lambda: http_get("127.0.0.1", port), what="forwarded port") == (
         "bitbuilder busybox image\n"
@@ -219,6 +233,14 @@ def test_port_forward_from_host_loopback(shim: Shim) -> None:
     assert taken.value.reason == "PortInUse"
     shim.runner.stop(machine.name)
     assert http_get("127.0.0.1", port) is None, "forward removed with the machine"
+
+
+def test_a_port_outside_the_host_range_is_never_forwarded(shim: Shim) -> None:
+    """The API refuses it first; the runner too (a state persisted before the range was set)."""
+    with pytest.raises(MachineError) as refused:
+        shim.start(network={"ports": [{"port": 80, "hostPort": 22222}]})
+    assert refused.value.reason == "HostPortNotAllowed"
+    assert "network.ports[0].hostPort" in refused.value.message
 
 
 def test_image_in_use_is_not_replaced(shim: Shim, busybox_rootfs: Path) -> None:
