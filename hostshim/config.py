@@ -28,6 +28,9 @@ class ShimConfig:
     # Networks a tenant source URL may resolve into although they reach the host itself
     # (loopback, link-local, the host's own addresses, the machine links): none by default.
     source_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    # The memory limit of a machine whose spec sets none (None: unlimited); one tenant must not
+    # take the host's memory by leaving its limit out.
+    default_memory_bytes: int | None = 1 << 30
     # Host ports a port forward may take (inclusive): host services keep theirs. The default is
     # Kubernetes' NodePort range, which hosts already keep free for exactly this.
     host_port_range: tuple[int, int] = (30000, 32767)

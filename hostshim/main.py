@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from bitbuilder.hostshim.api import parse_quantity
 from bitbuilder.hostshim.config import (
     DEFAULT_RUNTIME_DIR,
     DEFAULT_SOCKET,
@@ -47,6 +48,17 @@ def port_range(text: str) -> tuple[int, int]:
     if not sep or not 1024 <= bounds[0] <= bounds[1] <= 65535:
         raise argparse.ArgumentTypeError(f"{text!r}: expected LOW-HIGH within 1024-65535")
     return bounds
+
+
+def memory_quantity(text: str) -> int | None:
+    """A Kubernetes quantity of bytes (at least 16 MiB, like a spec's); 0 means none."""
+    try:
+        value = int(parse_quantity(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value and value < 16 << 20:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least 16Mi (or 0 for none)")
+    return value or None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -96,6 +108,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(loopback, link-local, the host's addresses; refused by default; repeatable)",
     )  # fmt: skip
     parser.add_argument(
+        "--default-memory", type=memory_quantity, default=ShimConfig.default_memory_bytes,
+        metavar="QUANTITY",
+        help="memory limit of a machine whose spec sets none, e.g. 512Mi, 2Gi; 0: none "
+        "(default: 1Gi)",
+    )  # fmt: skip
+    parser.add_argument(
         "--host-port-range", type=port_range, default=ShimConfig.host_port_range,
         metavar="LOW-HIGH",
         help="host ports a tenant's port forward may take (default: 30000-32767)",
@@ -129,6 +147,7 @@ def config_from(args: argparse.Namespace) -> ShimConfig:
         file_source_roots=tuple(p.absolute() for p in args.file_source_root),
         source_networks=tuple(args.allow_source_network),
         host_port_range=args.host_port_range,
+        default_memory_bytes=args.default_memory,
         executor=args.executor,
     )
 

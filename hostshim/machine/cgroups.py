@@ -196,8 +196,13 @@ def _require(limits: ResourceLimits, have: set[str]) -> None:
         )
 
 
-def create_cgroups(scope: str, name: str, limits: ResourceLimits) -> MachineCgroups:
-    """Create (or reuse) the machine's cgroups under `bitbuilder-<scope>` and set its limits."""
+def create_cgroups(
+    scope: str, name: str, limits: ResourceLimits, default_memory: int | None = None
+) -> MachineCgroups:
+    """Create (or reuse) the machine's cgroups under `bitbuilder-<scope>` and set its limits.
+
+    Limits the spec leaves unset get the shim's defaults (tasks, and `default_memory`) where
+    the host has their controller; a limit the spec sets is refused where it has not."""
     root = _unified_root()
     if root is None:
         raise HostError(
@@ -218,10 +223,13 @@ def create_cgroups(scope: str, name: str, limits: ResourceLimits) -> MachineCgro
         v1[controller] = base / _own_v1_path(controller) / group / name
         _mkdir(v1[controller])
     cgroups = MachineCgroups(unified=unified, v1=tuple(v1.values()))
-    if limits.tasks is None and "pids" in v2 | set(v1):
+    have = v2 | set(v1)
+    if limits.tasks is None and "pids" in have:
         limits = limits.model_copy(update={"tasks": DEFAULT_TASKS})
+    if limits.memory_bytes is None and "memory" in have:
+        limits = limits.model_copy(update={"memory_bytes": default_memory})
     try:
-        _require(limits, v2 | set(v1))
+        _require(limits, have)
         _v2_limits(unified, limits, v2)
         _v1_limits(v1, limits)
     except MachineError:

@@ -56,18 +56,6 @@ def test_missing_cgroups_name_the_setting(tmp_path: Path, monkeypatch: pytest.Mo
     assert f"mount -t cgroup2 none {tmp_path}" in refused.value.message
 
 
-def test_a_limit_without_its_controller_says_how_to_enable_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(cgroups, "CGROUP_ROOT", fake_cgroup_root(tmp_path, "pids"))
-    with pytest.raises(HostError) as refused:
-        cgroups.create_cgroups("test", "web", ResourceLimits(memory_bytes=64 << 20))
-    assert refused.value.reason == "LimitUnsupported"
-    assert "memory limit" in refused.value.message
-    assert "drop that limit from the spec's resources" in refused.value.message
-    assert not (tmp_path / "bitbuilder-test" / "web").exists(), "nothing left behind"
-
-
 @needs_root_and("ip")
 def test_no_nftables_names_the_package(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tools = tmp_path / "bin"

@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 
-from bitbuilder.hostshim.main import config_from, parse_args, port_range
+from bitbuilder.hostshim.main import config_from, memory_quantity, parse_args, port_range
 from tests.shim.conftest import FakeShim, machine_spec
 
 
@@ -35,3 +35,12 @@ def test_the_range_is_configured_on_the_shim() -> None:
     for bad in ("80-90", "2000", "3000-2000", "a-b", "1024-70000"):
         with pytest.raises(argparse.ArgumentTypeError, match="LOW-HIGH"):
             port_range(bad)
+
+
+def test_the_default_memory_limit_is_configured_on_the_shim() -> None:
+    assert config_from(parse_args([])).default_memory_bytes == 1 << 30
+    assert config_from(parse_args(["--default-memory", "512Mi"])).default_memory_bytes == 512 << 20
+    assert config_from(parse_args(["--default-memory", "0"])).default_memory_bytes is None
+    for bad in ("1Mi", "lots", "-1"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            memory_quantity(bad)
