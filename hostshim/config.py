@@ -31,6 +31,9 @@ class ShimConfig:
     # The memory limit of a machine whose spec sets none (None: unlimited); one tenant must not
     # take the host's memory by leaving its limit out.
     default_memory_bytes: int | None = 1 << 30
+    # The size of a tenant's writable layer (a loop-mounted image) where its spec sets no
+    # resources.diskBytes; None: no quota for new layers. Sparse: a limit, not a reservation.
+    tenant_disk_bytes: int | None = 8 << 30
     # Host ports a port forward may take (inclusive): host services keep theirs. The default is
     # Kubernetes' NodePort range, which hosts already keep free for exactly this.
     host_port_range: tuple[int, int] = (30000, 32767)

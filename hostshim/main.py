@@ -50,15 +50,23 @@ def port_range(text: str) -> tuple[int, int]:
     return bounds
 
 
-def memory_quantity(text: str) -> int | None:
-    """A Kubernetes quantity of bytes (at least 16 MiB, like a spec's); 0 means none."""
+def _bytes(text: str, least: int) -> int | None:
+    """A Kubernetes quantity of bytes, at least `least` (a spec's own minimum); 0 means none."""
     try:
         value = int(parse_quantity(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    if value and value < 16 << 20:
-        raise argparse.ArgumentTypeError(f"{text!r}: at least 16Mi (or 0 for none)")
+    if value and value < least:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least {least >> 20}Mi (or 0 for none)")
     return value or None
+
+
+def memory_quantity(text: str) -> int | None:
+    return _bytes(text, 16 << 20)
+
+
+def disk_quantity(text: str) -> int | None:
+    return _bytes(text, 64 << 20)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -114,6 +122,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(default: 1Gi)",
     )  # fmt: skip
     parser.add_argument(
+        "--tenant-disk-size", type=disk_quantity, default=ShimConfig.tenant_disk_bytes,
+        metavar="QUANTITY",
+        help="size of a new tenant's writable layer (a loop-mounted ext4 image) where its "
+        "spec sets no diskBytes, e.g. 20Gi; 0: no quota (default: 8Gi)",
+    )  # fmt: skip
+    parser.add_argument(
         "--host-port-range", type=port_range, default=ShimConfig.host_port_range,
         metavar="LOW-HIGH",
         help="host ports a tenant's port forward may take (default: 30000-32767)",
@@ -148,6 +162,7 @@ def config_from(args: argparse.Namespace) -> ShimConfig:
         source_networks=tuple(args.allow_source_network),
         host_port_range=args.host_port_range,
         default_memory_bytes=args.default_memory,
+        tenant_disk_bytes=args.tenant_disk_size,
         executor=args.executor,
     )
 
