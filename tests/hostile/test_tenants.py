@@ -28,7 +28,7 @@ from tests.helpers.treesnap import tree_snapshot
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, needs_nspawn, unique_name
 
-pytestmark = [pytest.mark.nspawn, needs_nspawn]
+pytestmark = [pytest.mark.nspawn, pytest.mark.hostile, needs_nspawn]
 
 SECRET = "TOPSECRET-host-only"
 NEIGHBOUR = "neighbour-private-data"
