@@ -50,10 +50,8 @@ def delivered(shim: Shim, machine: RunningMachine) -> Iterator[Callable[[str], l
             for name, raw in watchers.items():
                 with contextlib.suppress(BlockingIOError):
                     while packet := raw.recv(2048):
-                        source, target = (
-                            ipaddress.IPv4Address(packet[i : i + 4]) for i in (12, 16)
-                        )
-                        got.append(f"{name} {source} -> {target}")
+                        source, to = (ipaddress.IPv4Address(packet[i : i + 4]) for i in (12, 16))
+                        got.append(f"{name} {source} -> {to}")
             return [packet for packet in got if packet.endswith(f" -> {target}")]
 
         yield seen
