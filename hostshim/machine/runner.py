@@ -28,7 +28,7 @@ from bitbuilder.hostshim.errors import MachineError
 from bitbuilder.hostshim.images.store import ImageStore
 from bitbuilder.hostshim.machine.datadisk import mount_data, unmount_data
 from bitbuilder.hostshim.machine.executor import Executor, shim_scope
-from bitbuilder.hostshim.machine.layers import machine_layers
+from bitbuilder.hostshim.machine.layers import layer_sources, machine_layers
 from bitbuilder.hostshim.machine.network import Link, configure_link, prepare_link, teardown_link
 from bitbuilder.hostshim.machine.runtime.nspawn import (
     InitKind,
@@ -160,6 +160,7 @@ class Runner:
             environment=dict(settings.environment)
             if settings and "environment" in spec.repo_settings
             else {},
+            idmapped=layer_sources(paths.run, layout),
         )
         pid = self.executor.launch(
             spec.name, nspawn_argv(machine), spec.resources, paths.run / CONSOLE_LOG

@@ -90,6 +90,10 @@ def test_extension_trees_are_layered_read_only(shim: Shim, tmp_path: Path) -> No
     assert machine.revision == f"main@sha1:{'a' * 40}"
     assert shim.run_in(machine, "cat", f"/etc/{marker}").stdout == "hello from confext\n"
     assert shim.run_in(machine, "cat", "/usr/share/bbtools/tool").stdout == "from sysext\n"
+    owners = shim.run_in(
+        machine, "stat", "-c", "%u:%g", f"/etc/{marker}", "/usr/share/bbtools/tool"
+    )
+    assert owners.stdout.split() == ["0:0", "0:0"], "the repo's files are the machine root's"
     assert "respawn" in shim.run_in(machine, "cat", "/etc/inittab").stdout, "image /etc kept"
     assert "busybox" in shim.run_in(machine, "ls", "/usr/bin/wget", "-l").stdout
     overwrite = shim.run_in(machine, "sh", "-c", f"echo x > /etc/{marker}")

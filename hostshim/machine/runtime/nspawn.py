@@ -137,12 +137,25 @@ class NspawnMachine:
     usr_layers: tuple[Path, ...] = ()  # each a usr/ tree, lowest first
     hostname: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
+    # (host dir, dir inside): bound read-only and idmapped, so the machine sees the files of
+    # host root as its own root's (not as nobody); layers below a host dir are taken from
+    # the bound copy inside.
+    idmapped: tuple[tuple[Path, str], ...] = ()
 
 
-def _overlay(layers: tuple[Path, ...], target: str) -> list[str]:
+def _layer(path: Path, idmapped: tuple[tuple[Path, str], ...]) -> str:
+    for host, inside in idmapped:
+        if path == host or host in path.parents:
+            return "+" + check_path(Path(inside) / path.relative_to(host))
+    return check_path(path)
+
+
+def _overlay(
+    layers: tuple[Path, ...], target: str, idmapped: tuple[tuple[Path, str], ...]
+) -> list[str]:
     if not layers:
         return []
-    lowers = ":".join(check_path(p) for p in layers)
+    lowers = ":".join(_layer(p, idmapped) for p in layers)
     return [f"--overlay-ro=+{target}:{lowers}:{target}"]
 
 
@@ -174,8 +187,12 @@ def nspawn_argv(machine: NspawnMachine) -> list[str]:
         argv.append(f"--hostname={check_hostname(machine.hostname)}")
     for key, value in sorted(check_environment(machine.environment).items()):
         argv.append(f"--setenv={key}={value}")
-    argv += _overlay(machine.etc_layers, "/etc")
-    argv += _overlay(machine.usr_layers, "/usr")
+    # nspawn mounts by destination, so these binds (under /.bitbuilder) come before the
+    # overlays over /etc and /usr that read from them.
+    for host, inside in machine.idmapped:
+        argv.append(f"--bind-ro={check_path(host)}:{check_path(Path(inside))}:idmap")
+    argv += _overlay(machine.etc_layers, "/etc", machine.idmapped)
+    argv += _overlay(machine.usr_layers, "/usr", machine.idmapped)
     return argv
 
 
