@@ -189,8 +189,8 @@ def nspawn_argv(machine: NspawnMachine) -> list[str]:
         argv.append(f"--setenv={key}={value}")
     # nspawn mounts by destination, so these binds (under /.bitbuilder) come before the
     # overlays over /etc and /usr that read from them.
-    for host, inside in machine.idmapped:
-        argv.append(f"--bind-ro={check_path(host)}:{check_path(Path(inside))}:idmap")
+    for source, dest in machine.idmapped:
+        argv.append(f"--bind-ro={check_path(source)}:{check_path(Path(dest))}:idmap")
     argv += _overlay(machine.etc_layers, "/etc", machine.idmapped)
     argv += _overlay(machine.usr_layers, "/usr", machine.idmapped)
     return argv
