@@ -60,8 +60,8 @@ def test_layers_from_idmapped_sources_are_read_inside() -> None:
     )  # fmt: skip
     binds = [a for a in argv if a.startswith("--bind")]
     assert binds == [
-        "--bind-ro=/s/rev:/.bitbuilder/revision:idmap",
-        "--bind-ro=/run/bb/units:/.bitbuilder/units:idmap",
+        "--bind-ro=/s/rev:/.bitbuilder/revision:norbind,idmap",
+        "--bind-ro=/run/bb/units:/.bitbuilder/units:norbind,idmap",
     ]
     overlay = "+/.bitbuilder/units/etc:+/.bitbuilder/revision/confext/a/etc:/cap"
     assert f"--overlay-ro=+/etc:{overlay}:/etc" in argv

@@ -190,7 +190,7 @@ def nspawn_argv(machine: NspawnMachine) -> list[str]:
     # nspawn mounts by destination, so these binds (under /.bitbuilder) come before the
     # overlays over /etc and /usr that read from them.
     for source, dest in machine.idmapped:
-        argv.append(f"--bind-ro={check_path(source)}:{check_path(Path(dest))}:idmap")
+        argv.append(f"--bind-ro={check_path(source)}:{check_path(Path(dest))}:norbind,idmap")
     argv += _overlay(machine.etc_layers, "/etc", machine.idmapped)
     argv += _overlay(machine.usr_layers, "/usr", machine.idmapped)
     return argv
