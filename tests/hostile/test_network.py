@@ -23,13 +23,9 @@ from bitbuilder.hostshim.machine.executor import shim_scope
 from bitbuilder.hostshim.machine.network import link_name
 from bitbuilder.hostshim.machine.runner import RunningMachine
 from tests.runner.conftest import Shim, needs_nspawn
+from tests.runner.test_machines import host_side
 
 pytestmark = [pytest.mark.nspawn, pytest.mark.hostile, needs_nspawn]
-
-
-def host_side(machine: RunningMachine) -> str:
-    assert machine.address is not None
-    return str(ipaddress.IPv4Address(machine.address) - 1)
 
 
 @contextlib.contextmanager
