@@ -1,6 +1,9 @@
 """What this host allows a spec beyond the contract's own checks: host settings, not the
 tenant's. A port forward must take a host port from the configured range (so a tenant never
-takes the port of a host service)."""
+takes the port of a host service).
+
+Checked when a spec is accepted (PUT), not when a stored one starts: a machine accepted under
+an earlier range, or restored at boot without the shim's flags, still runs."""
 
 from __future__ import annotations
 

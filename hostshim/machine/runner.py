@@ -41,7 +41,6 @@ from bitbuilder.hostshim.machine.runtime.nspawn import (
     nspawn_argv,
 )
 from bitbuilder.hostshim.paths import TenantPaths
-from bitbuilder.hostshim.policy import host_port_refusal
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
 from bitbuilder.hostshim.source.git import Checkout
 
@@ -116,9 +115,6 @@ class Runner:
 
     def start(self, spec: MachineSpec, checkout: Checkout | None) -> RunningMachine:
         check_spec(spec)
-        refused = host_port_refusal(spec, self.config)
-        if refused is not None:  # the API refuses it first; a restored state may predate it
-            raise MachineError(refused[0], reason="HostPortNotAllowed")
         paths = TenantPaths(self.config, spec.name)
         with self._lock(spec.name):
             if self.executor.pid(spec.name) is not None:
