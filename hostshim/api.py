@@ -319,7 +319,12 @@ class ResourceLimits(WireModel):
     cpu_millis: int | None = Field(None, ge=10, le=1_024_000, description="CPU in millicores.")
     memory_bytes: int | None = Field(None, ge=16 * 2**20, le=2**50, description="Memory limit.")
     tasks: int | None = Field(None, ge=8, le=4_194_304, description="Maximum processes/threads.")
-    disk_bytes: int | None = Field(None, ge=2**26, le=2**50, description="Disk size (VMs).")
+    disk_bytes: int | None = Field(
+        None,
+        ge=2**26,
+        le=2**50,
+        description="Disk size: a VM's disk, a container's writable layer.",
+    )
 
 
 class PortForward(WireModel):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+
 
 class ShimError(Exception):
     """Base: `reason` is what status and API errors show; `status` the HTTP code."""
@@ -55,3 +57,37 @@ class MachineError(ShimError):
     """The machine could not be started, stopped or inspected."""
 
     reason = "MachineFailed"
+
+
+class HostError(MachineError):
+    """The host is not set up for what the shim needs (a read-only or missing cgroup file
+    system, no nftables, no user namespaces, a full disk): the message names the host setting
+    and what to change. Not the tenant's fault, and not a bug of the shim.
+
+    Reasons: CgroupsReadOnly, CgroupsMissing, SysctlDenied, NftablesMissing,
+    UserNamespacesDisabled, HostDiskFull, HostReadOnly.
+    """
+
+    status = 503
+    reason = "HostNotReady"
+
+
+def host_error_from(exc: BaseException, what: str) -> HostError | None:
+    """An OSError that only the host's set-up explains (full or read-only disk), classified;
+    None for anything else. `what` says what the shim was doing."""
+    if not isinstance(exc, OSError):
+        return None
+    where = f" ({exc.filename})" if exc.filename else ""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return HostError(
+            f"{what}: no space left on the host's disk{where}: free space on that file system "
+            "or move the shim's --state-dir / --runtime-dir to a larger one",
+            reason="HostDiskFull",
+        )
+    if exc.errno == errno.EROFS:
+        return HostError(
+            f"{what}: the host's file system is read-only{where}: remount it read-write or "
+            "move the shim's --state-dir / --runtime-dir to a writable one",
+            reason="HostReadOnly",
+        )
+    return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fcntl
+import ipaddress
 import logging
 import signal
 import socket
@@ -17,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
+from bitbuilder.hostshim.api import parse_quantity
 from bitbuilder.hostshim.config import (
     DEFAULT_RUNTIME_DIR,
     DEFAULT_SOCKET,
@@ -34,6 +36,37 @@ from bitbuilder.hostshim.source.layout import load_layout
 from bitbuilder.hostshim.systemd.activation import listen_socket
 
 log = logging.getLogger("bitbuilder.hostshim")
+
+
+def port_range(text: str) -> tuple[int, int]:
+    """'LOW-HIGH', both unprivileged ports, LOW <= HIGH."""
+    low, sep, high = text.partition("-")
+    try:
+        bounds = (int(low), int(high))
+    except ValueError:
+        bounds = (0, 0)
+    if not sep or not 1024 <= bounds[0] <= bounds[1] <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected LOW-HIGH within 1024-65535")
+    return bounds
+
+
+def _bytes(text: str, least: int) -> int | None:
+    """A Kubernetes quantity of bytes, at least `least` (a spec's own minimum); 0 means none."""
+    try:
+        value = int(parse_quantity(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if value and value < least:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least {least >> 20}Mi (or 0 for none)")
+    return value or None
+
+
+def memory_quantity(text: str) -> int | None:
+    return _bytes(text, 16 << 20)
+
+
+def disk_quantity(text: str) -> int | None:
+    return _bytes(text, 64 << 20)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -77,6 +110,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="root under which file:// tenant repos are allowed (repeatable)",
     )  # fmt: skip
     parser.add_argument(
+        "--allow-source-network", type=ipaddress.ip_network, action="append", default=[],
+        metavar="CIDR",
+        help="let tenant source URLs reach this network although it is the host's own "
+        "(loopback, link-local, the host's addresses; refused by default; repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--default-memory", type=memory_quantity, default=ShimConfig.default_memory_bytes,
+        metavar="QUANTITY",
+        help="memory limit of a machine whose spec sets none, e.g. 512Mi, 2Gi; 0: none "
+        "(default: 1Gi)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--tenant-disk-size", type=disk_quantity, default=ShimConfig.tenant_disk_bytes,
+        metavar="QUANTITY",
+        help="size of a new tenant's writable layer (a loop-mounted ext4 image) where its "
+        "spec sets no diskBytes, e.g. 20Gi; 0: no quota (default: 8Gi)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--host-port-range", type=port_range, default=ShimConfig.host_port_range,
+        metavar="LOW-HIGH",
+        help="host ports a tenant's port forward may take (default: 30000-32767)",
+    )  # fmt: skip
+    parser.add_argument(
         "--executor", choices=("auto", "direct", "systemd"), default="auto",
         help="auto: systemd units where PID 1 is systemd, else detached processes (default: auto)",
     )  # fmt: skip
@@ -103,6 +159,10 @@ def config_from(args: argparse.Namespace) -> ShimConfig:
         allowed_gids=frozenset(args.allow_gid),
         trusted_image_paths=tuple(p.absolute() for p in args.trusted_image_path),
         file_source_roots=tuple(p.absolute() for p in args.file_source_root),
+        source_networks=tuple(args.allow_source_network),
+        host_port_range=args.host_port_range,
+        default_memory_bytes=args.default_memory,
+        tenant_disk_bytes=args.tenant_disk_size,
         executor=args.executor,
     )
 

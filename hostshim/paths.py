@@ -76,6 +76,11 @@ class TenantPaths(_NamedPaths):
         return self.root / "data"
 
     @property
+    def data_image(self) -> Path:
+        """The file system image `data` is mounted from (its size is the tenant's disk quota)."""
+        return self.root / "data.img"
+
+    @property
     def run(self) -> Path:
         """Per-boot runtime files: pid files, mounts, logs."""
         return self.config.runtime_dir / "machines" / self.name

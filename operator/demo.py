@@ -167,7 +167,8 @@ class Demo:
             "hostshim",
             [tool("bitbuilder-hostshim"), "--state-dir", str(self.work / "shim"),
              "--runtime-dir", str(self.work / "run"), "--socket", str(self.socket),
-             "--trusted-image-path", str(self.work / "images")],
+             "--trusted-image-path", str(self.work / "images"),
+             "--allow-source-network", "127.0.0.1/32"],  # the demo's git daemon
         )  # fmt: skip
         async with ShimClient(self.socket, timeout=5) as shim:
             await self.until("the shim to answer", lambda: _answer(shim.healthy()))

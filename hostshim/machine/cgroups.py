@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitbuilder.hostshim.api import ResourceLimits
-from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.errors import HostError, MachineError
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
@@ -51,11 +51,29 @@ def signal_pid(pid: int, sig: int) -> None:
         os.kill(pid, sig)
 
 
+def _host_error(exc: OSError, path: Path) -> MachineError:
+    """A cgroup file system the shim cannot change, as the host setting to fix."""
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return HostError(
+            f"the cgroup file system is not writable at {path} ({exc.strerror}): run the shim "
+            f"on the host, or in a container that delegates a writable cgroup tree to it (a "
+            f"container sharing the host's cgroups gets {CGROUP_ROOT} read-only)",
+            reason="CgroupsReadOnly",
+        )
+    if exc.errno == errno.ENOENT:
+        return HostError(
+            f"no cgroup hierarchy at {path.parent}: mount the cgroup file systems "
+            f"(cgroup2 at {CGROUP_ROOT}, as systemd does at boot)",
+            reason="CgroupsMissing",
+        )
+    return MachineError(f"cannot change cgroup {path}: {exc.strerror}")
+
+
 def _write(path: Path, value: str) -> None:
     try:
         path.write_text(value)
     except OSError as exc:
-        raise MachineError(f"cannot write {value!r} to {path}: {exc.strerror}") from exc
+        raise _host_error(exc, path) from exc
 
 
 @dataclass(frozen=True)
@@ -115,7 +133,12 @@ def _mkdir(path: Path) -> None:
             return
         except FileNotFoundError:
             continue
-    path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _host_error(exc, path) from exc
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _host_error(exc, path) from exc
 
 
 def _rmdir(path: Path, busy_ok: bool = False) -> None:
@@ -164,17 +187,30 @@ def _require(limits: ResourceLimits, have: set[str]) -> None:
     needed = {"memory": limits.memory_bytes, "cpu": limits.cpu_millis, "pids": limits.tasks}
     missing = sorted(c for c, v in needed.items() if v is not None and c not in have)
     if missing:
-        raise MachineError(
-            f"this host cannot enforce the {', '.join(missing)} limit (no such cgroup controller)",
+        raise HostError(
+            f"this host cannot enforce the {', '.join(missing)} limit: no such cgroup "
+            f"controller under {CGROUP_ROOT}. Enable it (cgroup2: boot with "
+            "systemd.unified_cgroup_hierarchy=1, and cgroup_enable=memory where the kernel "
+            "needs it), or drop that limit from the spec's resources",
             reason="LimitUnsupported",
         )
 
 
-def create_cgroups(scope: str, name: str, limits: ResourceLimits) -> MachineCgroups:
-    """Create (or reuse) the machine's cgroups under `bitbuilder-<scope>` and set its limits."""
+def create_cgroups(
+    scope: str, name: str, limits: ResourceLimits, default_memory: int | None = None
+) -> MachineCgroups:
+    """Create (or reuse) the machine's cgroups under `bitbuilder-<scope>` and set its limits.
+
+    Limits the spec leaves unset get the shim's defaults (tasks, and `default_memory`) where
+    the host has their controller; a limit the spec sets is refused where it has not."""
     root = _unified_root()
     if root is None:
-        raise MachineError("no cgroup2 hierarchy on this host", reason="LimitUnsupported")
+        raise HostError(
+            f"no cgroup2 hierarchy at {CGROUP_ROOT} or {CGROUP_ROOT / 'unified'}: mount one "
+            f"(mount -t cgroup2 none {CGROUP_ROOT}) or boot with systemd's default cgroup "
+            "layout; the shim finds and stops every process of a machine through it",
+            reason="CgroupsMissing",
+        )
     group = f"bitbuilder-{scope}"
     unified = root / group / name
     _mkdir(unified)
@@ -187,10 +223,13 @@ def create_cgroups(scope: str, name: str, limits: ResourceLimits) -> MachineCgro
         v1[controller] = base / _own_v1_path(controller) / group / name
         _mkdir(v1[controller])
     cgroups = MachineCgroups(unified=unified, v1=tuple(v1.values()))
-    if limits.tasks is None and "pids" in v2 | set(v1):
+    have = v2 | set(v1)
+    if limits.tasks is None and "pids" in have:
         limits = limits.model_copy(update={"tasks": DEFAULT_TASKS})
+    if limits.memory_bytes is None and "memory" in have:
+        limits = limits.model_copy(update={"memory_bytes": default_memory})
     try:
-        _require(limits, v2 | set(v1))
+        _require(limits, have)
         _v2_limits(unified, limits, v2)
         _v1_limits(v1, limits)
     except MachineError:

@@ -117,7 +117,7 @@ class DirectExecutor:
     def launch(self, name: str, argv: list[str], limits: ResourceLimits, log: Path) -> int:
         if self.pid(name) is not None:
             raise MachineError(f"machine {name!r} is already running", reason="AlreadyRunning")
-        cgroups = create_cgroups(self.scope, name, limits)
+        cgroups = create_cgroups(self.scope, name, limits, self.config.default_memory_bytes)
         try:
             return self._spawn(name, argv, cgroups, log)
         except BaseException:
@@ -239,5 +239,5 @@ def select_executor(config: ShimConfig) -> Executor:
     if choice == "systemd":
         from bitbuilder.hostshim.systemd.executor import SystemdExecutor
 
-        return SystemdExecutor()
+        return SystemdExecutor(default_memory=config.default_memory_bytes)
     raise MachineError(f"unknown executor {config.executor!r}", reason="InvalidConfig")

@@ -100,3 +100,18 @@ def machine_layers(
     if layout.units and with_units:
         etc.insert(0, build_units_layer(run_dir / "units", layout.units))
     return _capped(run_dir, etc, "etc"), _capped(run_dir, usr, "usr")
+
+
+# Where the machine sees its revision tree and units layer (idmapped binds, see nspawn.py).
+INSIDE = "/.bitbuilder"
+
+
+def layer_sources(run_dir: Path, layout: Layout | None) -> tuple[tuple[Path, str], ...]:
+    """The host dirs the layers come from, each with where the machine sees it: the revision's
+    files are host root's, and idmapped they are the machine root's, not nobody's."""
+    if layout is None:
+        return ()
+    sources = [(layout.root, f"{INSIDE}/revision")]
+    if (run_dir / "units").is_dir():
+        sources.append((run_dir / "units", f"{INSIDE}/units"))
+    return tuple(sources)

@@ -31,7 +31,14 @@ from bitbuilder.hostshim.api import (
     MachineStatus,
 )
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.errors import Conflict, MachineError, NotFound, ShimError, SourceError
+from bitbuilder.hostshim.errors import (
+    Conflict,
+    MachineError,
+    NotFound,
+    ShimError,
+    SourceError,
+    host_error_from,
+)
 from bitbuilder.hostshim.machine.drift import TreeVerifier
 from bitbuilder.hostshim.machine.runner import check_spec
 from bitbuilder.hostshim.paths import TenantPaths, checked_name
@@ -166,6 +173,8 @@ class MachineManager:
             self._busy.pop(name, None)
 
     def _error(self, exc: BaseException, revision: str | None = None) -> ErrorInfo:
+        # A full or read-only disk is the host's condition: say what to change.
+        exc = host_error_from(exc, "the shim could not write its files") or exc
         if isinstance(exc, ShimError):
             return ErrorInfo(
                 reason=exc.reason,

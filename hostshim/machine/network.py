@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bitbuilder.hostshim.api import NetworkSpec, PortForward
-from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.errors import HostError, MachineError
 
 DEFAULT_POOL = ipaddress.IPv4Network("10.250.0.0/16")
 # The pool is shared by every shim on the host (tests run several), so allocation is locked
@@ -36,14 +36,57 @@ RESERVATIONS = Path("/run/lock/bitbuilder-netpool.d")
 MACHINE_IFNAME = "host0"
 
 
+# The Debian package of each tool the network needs, for the error that says to install it.
+_PACKAGES = {"nft": "nftables", "ip": "iproute2", "nsenter": "util-linux", "sysctl": "procps"}
+# nft's words for a kernel without nf_tables (or a container whose seccomp filter hides it).
+_NO_NFTABLES = ("Operation not supported", "Protocol not supported", "Address family not supp")
+
+
 def _run(argv: list[str], what: str, stdin: str | None = None) -> str:
+    tool = argv[0]
     try:
         result = subprocess.run(argv, input=stdin, capture_output=True, text=True)
     except FileNotFoundError as exc:
-        raise MachineError(f"{what}: {argv[0]} is not installed", reason="NetworkFailed") from exc
+        package = _PACKAGES.get(tool, tool)
+        raise HostError(
+            f"{what}: {tool} is not installed on the host (not on the shim's PATH): "
+            f"install the {package} package",
+            reason="NftablesMissing" if tool == "nft" else "HostToolMissing",
+        ) from exc
     if result.returncode != 0:
-        raise MachineError(f"{what}: {result.stderr.strip()[:300]}", reason="NetworkFailed")
+        error = result.stderr.strip()[:300]
+        if tool == "nft" and any(words in error for words in _NO_NFTABLES):
+            raise HostError(
+                f"{what}: the kernel has no usable nftables ({error}): load nf_tables "
+                "(modprobe nf_tables) or run the shim where it may use it",
+                reason="NftablesMissing",
+            )
+        raise MachineError(f"{what}: {error}", reason="NetworkFailed")
     return result.stdout
+
+
+def set_sysctl(key: str, value: str, netns_of: int | None = None) -> None:
+    """sysctl `key`=`value`, in the network namespace of pid `netns_of` if given.
+
+    A /proc/sys the shim cannot write (a container sharing the host's network has it
+    read-only) is the host's set-up, said as such. An IPv6 key of a kernel without IPv6 needs
+    no setting: there is nothing to disable."""
+    enter = ["nsenter", "-t", str(netns_of), "--net"] if netns_of is not None else []
+    try:
+        _run([*enter, "sysctl", "-q", "-w", f"{key}={value}"], f"cannot set {key}")
+    except HostError:
+        raise
+    except MachineError as exc:
+        if "No such file" in exc.message and key.startswith("net.ipv6."):
+            return
+        if "denied" in exc.message or "Read-only" in exc.message:
+            raise HostError(
+                f"{exc.message}: /proc/sys is not writable where the shim runs (a container "
+                "that shares the host's network gets it read-only): run the shim on the host, "
+                "or in a container with a writable /proc/sys/net",
+                reason="SysctlDenied",
+            ) from exc
+        raise
 
 
 def _quiet(argv: list[str]) -> None:
@@ -230,16 +273,16 @@ def configure_link(link: Link, leader_pid: int) -> None:
     """Address and raise both ends once the machine runs (its end from outside, via nsenter)."""
     what = "cannot configure the machine's link"
     host, inside = link.host_ifname, link.machine_ifname
+    set_sysctl(f"net.ipv6.conf.{host}.disable_ipv6", "1")
     # route_localnet: forwarded ports send loopback-sourced packets (SNATed) over this link
-    _quiet(["sysctl", "-q", "-w", f"net.ipv6.conf.{host}.disable_ipv6=1",
-            f"net.ipv4.conf.{host}.route_localnet=1"])  # fmt: skip
+    set_sysctl(f"net.ipv4.conf.{host}.route_localnet", "1")
     _run(
         ["ip", "-batch", "-"],
         what,
         f"addr add {link.host_address} dev {host}\nlink set {host} up\n",
     )
+    set_sysctl("net.ipv6.conf.all.disable_ipv6", "1", netns_of=leader_pid)
     enter = ["nsenter", "-t", str(leader_pid), "--net"]
-    _run([*enter, "sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1"], what)
     commands = (
         f"link set lo up\naddr add {link.machine_address} dev {inside}\nlink set {inside} up\n"
     )

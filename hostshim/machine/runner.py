@@ -26,13 +26,15 @@ from bitbuilder.hostshim.api import MachineSpec, NetworkMode, Runtime
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
 from bitbuilder.hostshim.images.store import ImageStore
+from bitbuilder.hostshim.machine.datadisk import mount_data, unmount_data
 from bitbuilder.hostshim.machine.executor import Executor, shim_scope
-from bitbuilder.hostshim.machine.layers import machine_layers
+from bitbuilder.hostshim.machine.layers import layer_sources, machine_layers
 from bitbuilder.hostshim.machine.network import Link, configure_link, prepare_link, teardown_link
 from bitbuilder.hostshim.machine.runtime.nspawn import (
     InitKind,
     NspawnMachine,
     check_path,
+    check_user_namespaces,
     detect_init,
     find_leader,
     init_ready,
@@ -91,6 +93,7 @@ def check_spec(spec: MachineSpec) -> None:
         )
     if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
         raise MachineError("port forwards need network mode isolated", reason="InvalidSpec")
+    check_user_namespaces()
 
 
 class Runner:
@@ -131,6 +134,7 @@ class Runner:
         self, spec: MachineSpec, checkout: Checkout | None, paths: TenantPaths, rootfs: Path
     ) -> RunningMachine:
         init = detect_init(rootfs)
+        mount_data(paths, spec.resources.disk_bytes or self.config.tenant_disk_bytes)
         root = self._mount_root(paths, rootfs)
         layout = checkout.layout if checkout is not None else None
         etc_layers, usr_layers = machine_layers(paths.run, layout, init is InitKind.systemd)
@@ -152,6 +156,7 @@ class Runner:
             environment=dict(settings.environment)
             if settings and "environment" in spec.repo_settings
             else {},
+            idmapped=layer_sources(paths.run, layout),
         )
         pid = self.executor.launch(
             spec.name, nspawn_argv(machine), spec.resources, paths.run / CONSOLE_LOG
@@ -242,6 +247,7 @@ class Runner:
             self.executor.terminate(name, STOP_TIMEOUT)
             teardown_link(self.scope, name)
             _umount(paths.run / "root")
+            unmount_data(paths)
             if paths.run.is_dir():
                 for entry in paths.run.iterdir():
                     if entry.name == CONSOLE_LOG:
@@ -253,5 +259,7 @@ class Runner:
             if self.executor.pid(name) is not None:
                 raise MachineError(f"machine {name!r} is running: stop it first", reason="Running")
             paths = TenantPaths(self.config, name)
+            unmount_data(paths)
             _remove(paths.data)
+            paths.data_image.unlink(missing_ok=True)
             _remove(paths.run)

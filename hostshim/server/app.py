@@ -38,9 +38,10 @@ from bitbuilder.hostshim.api import (
     MachineSpec,
 )
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.errors import ShimError
+from bitbuilder.hostshim.errors import ShimError, host_error_from
 from bitbuilder.hostshim.host.layers import HostLayers
 from bitbuilder.hostshim.machine.manager import MachineManager
+from bitbuilder.hostshim.policy import host_port_refusal
 from bitbuilder.hostshim.server.openapi import openapi_document
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,12 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if "Allow" in exc.headers:  # 405 says which methods the route takes
             reply.headers["Allow"] = exc.headers["Allow"]
         return reply
-    except Exception:
+    except Exception as exc:
+        # A full or read-only disk is the host's condition, not a bug: say what to change.
+        host = host_error_from(exc, f"{request.method} {request.path}")
+        if host is not None:
+            log.error("%s", host.message)
+            return _reply(host.status, host.reason, host.message)
         log.exception("unexpected error serving %s %s", request.method, request.path)
         return _reply(500, "InternalError", "the shim failed unexpectedly; see its log")
 
@@ -315,6 +321,9 @@ class ShimApp:
                 f"name: the body names {spec.name!r}, the path {name!r}",
                 "name",
             )
+        refused = host_port_refusal(spec, self.config)
+        if refused is not None:
+            raise ApiProblem(422, "HostPortNotAllowed", *refused)
         return web.json_response((await self.work(self.manager.apply, spec)).wire())
 
     async def delete_machine(self, request: web.Request) -> web.Response:

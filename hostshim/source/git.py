@@ -8,6 +8,7 @@ the truth: a force-pushed branch is followed, and reported on the Checkout.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import re
@@ -27,7 +28,7 @@ from bitbuilder.hostshim.api import GitCredentials, GitRef, MachineSpec, SourceS
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import SourceError
 from bitbuilder.hostshim.paths import ImagePaths, TenantPaths
-from bitbuilder.hostshim.source import checkout, credentials, extrelease, signing
+from bitbuilder.hostshim.source import addresses, checkout, credentials, extrelease, signing
 from bitbuilder.hostshim.source.layout import Layout, load_layout
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,10 @@ IO_TIMEOUT_MS = 30_000  # a server that stalls mid-conversation
 # shim's workers for ever by sending a byte just before each read times out.
 MAX_FETCH_BYTES = 1 << 30
 MAX_FETCH_SECONDS = 600.0
+# The remote's ref list (ls-remote) is read whole by libgit2: past these it is refused, so a
+# remote with a million refs costs one refusal, not a status and a state that carry it along.
+MAX_REFS = 20_000
+MAX_REF_NAME_BYTES = 4 << 20
 ORIGIN_BRANCH = "refs/remotes/origin/"
 URL_KEY = "bitbuilder.url"  # the remote this repository mirrors
 ALL_REFS = ["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"]
@@ -242,8 +247,13 @@ class GitSource:
 
     def _check_allowed(self, url: str) -> None:
         """file:// only under the configured roots: a tenant must not read the host's repos,
-        and never the shim's own dirs (another tenant's mirror), even below such a root."""
+        and never the shim's own dirs (another tenant's mirror), even below such a root.
+        A network URL must not name the host itself (addresses.py) unless configured."""
         if not url.startswith("file:"):
+            pool = ipaddress.ip_network(self.config.machine_network_pool)
+            refused = addresses.refusal(url, self.config.source_networks, pool)
+            if refused is not None:
+                raise SourceNotAllowed(refused)
             return
         wanted = Path(os.path.realpath(unquote(urlsplit(url).path)))
         if any(_within(wanted, d) for d in (self.config.state_dir, self.config.runtime_dir)):
@@ -281,6 +291,14 @@ class GitSource:
     def _advertised(self, repo: pygit2.Repository, source: SourceSpec) -> tuple[str, str | None]:
         """(the ref's oid, its peeled commit if advertised) from the remote's ref list."""
         heads = self._remote(repo, source, lambda r, cb: r.list_heads(callbacks=cb))
+        size = sum(len(h.name or "") for h in heads)
+        if len(heads) > MAX_REFS or size > MAX_REF_NAME_BYTES:
+            raise SourceError(
+                f"{source.url}: the remote advertises {len(heads)} refs ({size} bytes of "
+                f"names), more than the {MAX_REFS} refs / {MAX_REF_NAME_BYTES >> 20} MiB a "
+                "source may have: point the source at a repository with fewer branches and tags",
+                reason="TooManyRefs",
+            )
         name = _remote_ref(source.ref)
         found = {h.name: str(h.oid) for h in heads}
         if name not in found:

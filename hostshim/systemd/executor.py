@@ -57,8 +57,9 @@ def registered_argv(name: str, argv: list[str]) -> list[str]:
 class SystemdExecutor:
     """The Executor protocol (see hostshim/machine/executor.py) over systemd units."""
 
-    def __init__(self, stop_timeout: float = 30.0) -> None:
+    def __init__(self, stop_timeout: float = 30.0, default_memory: int | None = None) -> None:
         self.stop_timeout = stop_timeout
+        self.default_memory = default_memory  # MemoryMax= where the spec sets no memory
 
     def launch(self, name: str, argv: list[str], limits: ResourceLimits, log: Path) -> int:
         unit = unit_name(name)
@@ -77,7 +78,11 @@ class SystemdExecutor:
             # start, so the shim (its drift check) restarts a dead machine, as with the
             # direct executor. Collected when it ends, so its name can be used again.
             "CollectMode=inactive-or-failed",
-            *limit_properties(limits),
+            *limit_properties(
+                limits.model_copy(update={"memory_bytes": self.default_memory})
+                if limits.memory_bytes is None
+                else limits
+            ),
         ]
         systemctl.run_transient(
             unit, registered_argv(name, argv), properties, f"BitBuilder tenant {name}"

@@ -36,9 +36,12 @@ def unique_name(prefix: str = "cr") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
-def runner_config(root: Path, trusted: Path) -> ShimConfig:
+def runner_config(root: Path, trusted: Path, **overrides: Any) -> ShimConfig:
     return ShimConfig(
-        state_dir=root / "state", runtime_dir=root / "run", trusted_image_paths=(trusted,)
+        state_dir=root / "state",
+        runtime_dir=root / "run",
+        trusted_image_paths=(trusted,),
+        **overrides,
     )
 
 
@@ -100,8 +103,8 @@ def assert_gone(left: Leftovers) -> None:
     assert left.ifname not in tables, "link filter table survives stop"
 
 
-def make_shim(root: Path, rootfs: Path) -> Shim:
-    config = runner_config(root, rootfs.parent)
+def make_shim(root: Path, rootfs: Path, **config_overrides: Any) -> Shim:
+    config = runner_config(root, rootfs.parent, **config_overrides)
     images = ImageStore(config)
     images.put("busybox", ImageSpec(path=str(rootfs)))
     executor = DirectExecutor(config)

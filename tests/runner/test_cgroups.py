@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from bitbuilder.hostshim.api import ResourceLimits
-from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.errors import HostError, MachineError
 from bitbuilder.hostshim.machine import cgroups
 
 LIMITS = ResourceLimits(cpu_millis=250, memory_bytes=64 * 2**20, tasks=32)
@@ -66,6 +66,8 @@ def test_a_limit_without_its_controller_is_refused(
     with pytest.raises(MachineError) as refused:
         cgroups.create_cgroups("scope1", "web", LIMITS)
     assert refused.value.reason == "LimitUnsupported" and "pids" in refused.value.message
+    assert isinstance(refused.value, HostError), "the host's setting, said as such"
+    assert "drop that limit from the spec's resources" in refused.value.message
     assert not (tmp_path / "bitbuilder-scope1" / "web").exists(), "nothing half-made is left"
     assert cgroups.create_cgroups("scope1", "ok", ResourceLimits(cpu_millis=100)).unified.is_dir()
 
@@ -77,8 +79,23 @@ def test_a_machine_without_a_tasks_limit_gets_the_hosts_default(
     monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path)
     made = cgroups.create_cgroups("scope1", "web", ResourceLimits())
     assert (made.unified / "pids.max").read_text() == str(cgroups.DEFAULT_TASKS)
-    assert not (made.unified / "memory.max").exists(), "only the tasks limit has a default"
+    assert not (made.unified / "memory.max").exists(), "memory: only if the shim sets a default"
     fake_hierarchy(tmp_path / "no-pids", "cpu memory\n")
     monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path / "no-pids")
     made = cgroups.create_cgroups("scope1", "web", ResourceLimits())
     assert not (made.unified / "pids.max").exists(), "no pids controller: no default, no error"
+
+
+def test_a_machine_without_a_memory_limit_gets_the_shims_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake_hierarchy(tmp_path, "cpu memory pids\n")
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path)
+    made = cgroups.create_cgroups("scope1", "web", ResourceLimits(), default_memory=256 << 20)
+    assert (made.unified / "memory.max").read_text() == str(256 << 20)
+    own = cgroups.create_cgroups("scope1", "own", LIMITS, default_memory=256 << 20)
+    assert (own.unified / "memory.max").read_text() == str(64 << 20), "the spec's wins"
+    fake_hierarchy(tmp_path / "no-memory", "cpu pids\n")
+    monkeypatch.setattr(cgroups, "CGROUP_ROOT", tmp_path / "no-memory")
+    made = cgroups.create_cgroups("scope1", "web", ResourceLimits(), default_memory=256 << 20)
+    assert not (made.unified / "memory.max").exists(), "no controller: no default, no error"

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import re
+import socket
 import subprocess
 import urllib.request
 import uuid
@@ -20,7 +22,6 @@ from bitbuilder.hostshim.machine.runner import RunningMachine
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.source.git import Checkout
 from bitbuilder.hostshim.source.layout import Layout, RepoSettings
-from bitbuilder.operator.demohost import free_port
 from tests.helpers.treesnap import tree_snapshot
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, assert_gone, needs_nspawn, unique_name
@@ -89,6 +90,10 @@ def test_extension_trees_are_layered_read_only(shim: Shim, tmp_path: Path) -> No
     assert machine.revision == f"main@sha1:{'a' * 40}"
     assert shim.run_in(machine, "cat", f"/etc/{marker}").stdout == "hello from confext\n"
     assert shim.run_in(machine, "cat", "/usr/share/bbtools/tool").stdout == "from sysext\n"
+    owners = shim.run_in(
+        machine, "stat", "-c", "%u:%g", f"/etc/{marker}", "/usr/share/bbtools/tool"
+    )
+    assert owners.stdout.split() == ["0:0", "0:0"], "the repo's files are the machine root's"
     assert "respawn" in shim.run_in(machine, "cat", "/etc/inittab").stdout, "image /etc kept"
     assert "busybox" in shim.run_in(machine, "ls", "/usr/bin/wget", "-l").stdout
     overwrite = shim.run_in(machine, "sh", "-c", f"echo x > /etc/{marker}")
@@ -208,8 +213,21 @@ def test_start_twice_is_refused(shim: Shim) -> None:
     assert shim.runner.inspect(machine.name) == machine
 
 
+def free_host_port(shim: Shim) -> int:
+    """A port in the shim's host port range that nothing on this host listens on."""
+    low, high = shim.config.host_port_range
+    for port in random.sample(range(low, high + 1), 200):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free port in {low}-{high}")
+
+
 def test_port_forward_from_host_loopback(shim: Shim) -> None:
-    port = free_port()
+    port = free_host_port(shim)
     machine = shim.start(network={"ports": [{"port": 8080, "hostPort": port}]})
     assert wait_for(lambda: http_get("127.0.0.1", port), what="forwarded port") == (
         "bitbuilder busybox image\n"

@@ -50,6 +50,24 @@ def test_argv_for_an_isolated_busybox_machine() -> None:
     assert "--overlay-ro=+/usr:/s/rev/sysext/t/usr:/usr" in argv
 
 
+def test_layers_from_idmapped_sources_are_read_inside() -> None:
+    argv = nspawn_argv(
+        machine(
+            etc_layers=(Path("/run/bb/units/etc"), Path("/s/rev/confext/a/etc"), Path("/cap")),
+            idmapped=((Path("/s/rev"), "/.bitbuilder/revision"),
+                      (Path("/run/bb/units"), "/.bitbuilder/units")),
+        )
+    )  # fmt: skip
+    binds = [a for a in argv if a.startswith("--bind")]
+    assert binds == [
+        "--bind-ro=/s/rev:/.bitbuilder/revision:norbind,idmap",
+        "--bind-ro=/run/bb/units:/.bitbuilder/units:norbind,idmap",
+    ]
+    overlay = "+/.bitbuilder/units/etc:+/.bitbuilder/revision/confext/a/etc:/cap"
+    assert f"--overlay-ro=+/etc:{overlay}:/etc" in argv
+    assert argv.index(binds[-1]) < argv.index(f"--overlay-ro=+/etc:{overlay}:/etc")
+
+
 def test_argv_for_systemd_without_network() -> None:
     argv = nspawn_argv(machine(init=InitKind.systemd, veth=None))
     assert "--kill-signal=SIGRTMIN+3" in argv and "--private-network" in argv

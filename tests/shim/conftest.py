@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -148,6 +149,7 @@ def real_config(tmp_path: Path, **overrides: Any) -> ShimConfig:
         (tmp_path / folder).mkdir(exist_ok=True)
     defaults: dict[str, Any] = {
         "file_source_roots": (tmp_path / "served",),
+        "source_networks": (ipaddress.ip_network("127.0.0.0/8"),),  # the test git servers
         "trusted_image_paths": (tmp_path / "images",),
         "executor": "direct",
     }

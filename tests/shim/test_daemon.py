@@ -51,6 +51,7 @@ def daemon(
         "--socket", str(config.socket_path), "--executor", "direct", "--drift-interval", "0",
         *[a for p in config.trusted_image_paths for a in ("--trusted-image-path", str(p))],
         *[a for p in config.file_source_roots for a in ("--file-source-root", str(p))],
+        *[a for n in config.source_networks for a in ("--allow-source-network", str(n))],
     ]  # fmt: skip
     passed: tuple[int, ...] = ()
     if activated is not None:  # what systemd does: the socket as fd 3, LISTEN_PID = the service

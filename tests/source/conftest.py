@@ -6,6 +6,7 @@ auth, ssh), each a real server on loopback started and stopped by the fixture.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,9 @@ BASIC_LAYOUT: dict[str, Any] = {
 USER, PASSWORD = "tenant", "s3cret-pa55"
 
 
+LOOPBACK = ipaddress.ip_network("127.0.0.0/8")
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Path:
     """The folder every server exports (also the file:// root the shim allows)."""
@@ -40,7 +44,10 @@ def served(tmp_path: Path) -> Path:
 @pytest.fixture
 def config(tmp_path: Path, served: Path) -> ShimConfig:
     return ShimConfig(
-        state_dir=tmp_path / "state", runtime_dir=tmp_path / "run", file_source_roots=(served,)
+        state_dir=tmp_path / "state",
+        runtime_dir=tmp_path / "run",
+        file_source_roots=(served,),
+        source_networks=(LOOPBACK,),  # the test servers listen there
     )
 
 

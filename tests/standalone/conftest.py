@@ -74,7 +74,7 @@ class Host:
             [str(BIN / "bitbuilder-hostshim"), "--state-dir", str(self.root / "shim"),
              "--runtime-dir", str(self.root / "run"), "--socket", str(self.socket),
              "--trusted-image-path", str(self.root / "images"), "--executor", "direct",
-             "--drift-interval", "0"],
+             "--drift-interval", "0", "--allow-source-network", "127.0.0.1/32"],
         )  # fmt: skip
         wait_for(lambda: self.call(lambda c: c.healthy()), timeout=30, what="the shim")
         self.call(

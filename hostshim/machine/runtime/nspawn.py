@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.errors import HostError, MachineError
 from bitbuilder.hostshim.paths import checked_name
 
 NSPAWN = "systemd-nspawn"
@@ -27,6 +27,9 @@ _HOST_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
 _UNSAFE_PATH = re.compile(r"[\x00-\x1f\x7f:,\\]")
 _IFNAME = re.compile(r"^[a-z0-9]{1,15}$")
 MAX_ENV_VALUE = 4096
+# How many user namespaces may exist: 0 (or no such file: a kernel without them) means none,
+# and every machine runs in its own (--private-users=pick).
+MAX_USER_NAMESPACES = Path("/proc/sys/user/max_user_namespaces")
 
 
 class InitKind(StrEnum):
@@ -73,6 +76,25 @@ def detect_init(rootfs: Path) -> InitKind:
     return InitKind.other
 
 
+def check_user_namespaces() -> None:
+    """Refuse a start that nspawn would fail obscurely: the host allows no user namespaces."""
+    try:
+        allowed = int(MAX_USER_NAMESPACES.read_text().strip() or "0")
+    except FileNotFoundError:
+        raise HostError(
+            "this kernel has no user namespaces (no /proc/sys/user/max_user_namespaces): every "
+            "machine runs in its own, so boot a kernel built with CONFIG_USER_NS=y",
+            reason="UserNamespacesDisabled",
+        ) from None
+    if allowed <= 0:
+        raise HostError(
+            f"user namespaces are disabled on this host (user.max_user_namespaces = {allowed}): "
+            "every machine runs in its own, so set it higher (sysctl -w "
+            "user.max_user_namespaces=65536, and in /etc/sysctl.d to keep it)",
+            reason="UserNamespacesDisabled",
+        )
+
+
 def check_hostname(value: str) -> str:
     labels = value.split(".")
     if len(value) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
@@ -115,12 +137,25 @@ class NspawnMachine:
     usr_layers: tuple[Path, ...] = ()  # each a usr/ tree, lowest first
     hostname: str | None = None
     environment: dict[str, str] = field(default_factory=dict)
+    # (host dir, dir inside): bound read-only and idmapped, so the machine sees the files of
+    # host root as its own root's (not as nobody); layers below a host dir are taken from
+    # the bound copy inside.
+    idmapped: tuple[tuple[Path, str], ...] = ()
 
 
-def _overlay(layers: tuple[Path, ...], target: str) -> list[str]:
+def _layer(path: Path, idmapped: tuple[tuple[Path, str], ...]) -> str:
+    for host, inside in idmapped:
+        if path == host or host in path.parents:
+            return "+" + check_path(Path(inside) / path.relative_to(host))
+    return check_path(path)
+
+
+def _overlay(
+    layers: tuple[Path, ...], target: str, idmapped: tuple[tuple[Path, str], ...]
+) -> list[str]:
     if not layers:
         return []
-    lowers = ":".join(check_path(p) for p in layers)
+    lowers = ":".join(_layer(p, idmapped) for p in layers)
     return [f"--overlay-ro=+{target}:{lowers}:{target}"]
 
 
@@ -152,8 +187,12 @@ def nspawn_argv(machine: NspawnMachine) -> list[str]:
         argv.append(f"--hostname={check_hostname(machine.hostname)}")
     for key, value in sorted(check_environment(machine.environment).items()):
         argv.append(f"--setenv={key}={value}")
-    argv += _overlay(machine.etc_layers, "/etc")
-    argv += _overlay(machine.usr_layers, "/usr")
+    # nspawn mounts by destination, so these binds (under /.bitbuilder) come before the
+    # overlays over /etc and /usr that read from them.
+    for source, dest in machine.idmapped:
+        argv.append(f"--bind-ro={check_path(source)}:{check_path(Path(dest))}:norbind,idmap")
+    argv += _overlay(machine.etc_layers, "/etc", machine.idmapped)
+    argv += _overlay(machine.usr_layers, "/usr", machine.idmapped)
     return argv
 
 

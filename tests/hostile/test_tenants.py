@@ -19,7 +19,9 @@ import pytest
 
 from bitbuilder.hostshim.api import ImageSpec, MachineSpec
 from bitbuilder.hostshim.config import ShimConfig
+from bitbuilder.hostshim.errors import LayoutError
 from bitbuilder.hostshim.machine import executor as executor_module
+from bitbuilder.hostshim.machine.layers import machine_layers
 from bitbuilder.hostshim.machine.runner import RunningMachine
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.source.git import Checkout, GitSource
@@ -28,17 +30,24 @@ from tests.helpers.treesnap import tree_snapshot
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, needs_nspawn, unique_name
 
-pytestmark = [pytest.mark.nspawn, needs_nspawn]
+pytestmark = [pytest.mark.nspawn, pytest.mark.hostile, needs_nspawn]
 
 SECRET = "TOPSECRET-host-only"
 NEIGHBOUR = "neighbour-private-data"
 
 
-def hostile_checkout(shim: Shim, name: str, served: Path, links: dict[str, str]) -> Checkout:
-    """`links` (path in the repo -> target) committed and synced by the real GitSource."""
+def hostile_checkout(
+    shim: Shim, name: str, served: Path, links: dict[str, str], files: dict[str, str] | None = None
+) -> Checkout:
+    """`links` (path in the repo -> target) and `files` committed and synced by the real
+    GitSource."""
     repo = TenantRepo(served, f"{name}.git")
     repo.commit(
-        {"confext/base/etc/motd": "hostile\n", **{rel: Link(t) for rel, t in links.items()}}
+        {
+            "confext/base/etc/motd": "hostile\n",
+            **(files or {}),
+            **{rel: Link(t) for rel, t in links.items()},
+        }
     )
     config = ShimConfig(
         state_dir=shim.config.state_dir,
@@ -97,6 +106,10 @@ def test_symlinks_pids_and_addresses_reach_neither_host_nor_neighbour(
     # writing through the links: the layer is read-only and the targets are the machine's own
     for link in ("/etc/host-secret", "/etc/neighbour", "/usr/lib/escape/etc/pwned"):
         assert shim.run_in(evil, "sh", "-c", f"echo pwned > {link}").returncode != 0, link
+    # a hard link to a file of the revision's layer, written through: the layer is another
+    # (read-only) mount, so the link is refused and the revision tree stays as it was
+    hardlink = shim.run_in(evil, "sh", "-c", "ln /etc/motd /root/motd && echo pwned >> /root/motd")
+    assert hardlink.returncode != 0, hardlink
 
     # processes: the neighbour's host pid means nothing inside the tenant's pid namespace
     shim.run_in(evil, "kill", "-9", str(neighbour.leader_pid))
@@ -201,6 +214,7 @@ def test_writes_in_a_machine_never_reach_the_shared_image(shim: Shim) -> None:
     before = tree_snapshot(rootfs)
     vandal = shim.start()
     script = (
+        "ln /etc/group /root/hardlink && echo pwned >> /root/hardlink && "
         "echo pwned > /etc/inittab && chmod 777 /etc && rm /etc/passwd && "
         "mkdir -p /usr/new && chown -R 1:1 /usr/new /bin && ln -sf /proc/1/root/etc /etc/link"
     )
@@ -211,3 +225,53 @@ def test_writes_in_a_machine_never_reach_the_shared_image(shim: Shim) -> None:
     assert shim.run_in(neighbour, "cat", "/etc/passwd").returncode == 0
     shim.runner.stop(vandal.name)
     assert tree_snapshot(rootfs) == before, "the image is untouched"
+
+
+def test_device_nodes_made_in_a_machine_open_no_host_device(shim: Shim) -> None:
+    """Root in the machine has no CAP_MKNOD over host devices (its user namespace), and its
+    writable layer is mounted nodev on the host too."""
+    machine = shim.start()
+    made = shim.run_in(machine, "sh", "-c", "mknod /root/mem c 1 1 && head -c 1 /root/mem")
+    assert made.returncode != 0, made
+    data = TenantPaths(shim.config, machine.name).data
+    assert "nodev" in mount_options(data), "the tenant's disk is mounted nodev"
+    assert shim.run_in(machine, "head", "-c", "1", "/dev/zero").returncode == 0, "its own /dev"
+
+
+def mount_options(path: Path) -> str:
+    found = subprocess.run(
+        ["findmnt", "-n", "-o", "OPTIONS", "--mountpoint", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    return found.stdout.strip()
+
+
+HOSTILE_UNIT = """[Unit]
+Description=tries the host
+[Service]
+ExecStart=/bin/sh -c 'echo pwned > /proc/1/root/etc/pwned'
+[Install]
+WantedBy=../../../../../../tmp/escape.target multi-user.target
+"""
+
+
+def test_repo_units_reach_only_the_machines_own_etc(shim: Shim, tmp_path: Path) -> None:
+    """A unit linked to a host file is refused at checkout; a regular one is copied into the
+    machine's own units layer, its WantedBy= targets only as plain names, never the host's."""
+    with pytest.raises(LayoutError, match=r"units/evil\.service"):
+        hostile_checkout(
+            shim, unique_name("units"), tmp_path / "a", {"units/evil.service": "/etc/shadow"}
+        )
+    host_units = sorted(os.listdir("/etc/systemd/system"))
+    checkout = hostile_checkout(
+        shim, unique_name("units"), tmp_path / "b", {}, {"units/web.service": HOSTILE_UNIT}
+    )
+    run_dir = tmp_path / "run"
+    etc_layers, _ = machine_layers(run_dir, checkout.layout, with_units=True)
+    layer = etc_layers[0]
+    assert layer.is_relative_to(run_dir)
+    wants = sorted(p.name for p in (layer / "systemd/system").iterdir())
+    assert wants == ["multi-user.target.wants", "web.service"], wants
+    assert not list(tmp_path.rglob("escape.target*")) and not Path("/tmp/escape.target").exists()
+    assert sorted(os.listdir("/etc/systemd/system")) == host_units, "the host's units untouched"
