@@ -7,12 +7,34 @@ changes on reboot, so each call makes its client afresh.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from tests.shim.harness import Reply, ShimClient
 from tests.system.testhost import TestHost
 
 SOCKET = "/run/bitbuilder/hostshim.sock"
+BIN = Path(sys.prefix) / "bin"
+DROP_IN = "/etc/systemd/system/bitbuilder-hostshim.service.d/10-test.conf"
+
+
+def install_shim(host: TestHost, source_root: Path, images: Path) -> None:
+    """The project's units and generator in the test host, the shim's service reading repos
+    from `source_root` (file://) and images from `images`; enabling them is the caller's."""
+    host.run(str(BIN / "bitbuilder-hostshim-install"))
+    # No tenant disk images here: the test host has no e2fsprogs and only /dev/loop0-7, while
+    # loop indexes are shared with the machine running the tests (tests/hostile covers them).
+    flags = (
+        f"--file-source-root={source_root} --trusted-image-path={images} --drift-interval=0 "
+        "--tenant-disk-size=0"
+    )
+    host.enter("mkdir", "-p", str(Path(DROP_IN).parent))
+    host.enter(
+        "sh", "-c",
+        f"printf '[Service]\\nExecStart=\\nExecStart=bitbuilder-hostshim {flags}\\n' > {DROP_IN}",
+    )  # fmt: skip
+    host.enter("systemctl", "daemon-reload")
 
 
 def call(host: TestHost, method: str, path: str, body: object = None) -> Reply:

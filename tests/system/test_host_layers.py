@@ -14,7 +14,6 @@ Debian interpreter and its standard library) are copied into this root instead o
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +24,10 @@ import pytest
 from bitbuilder.hostshim.images.busybox import build_busybox_rootfs
 from bitbuilder.hostshim.source.extrelease import parse_os_release
 from tests.helpers.gitserve import Content, Signer, TenantRepo, ssh_signer
-from tests.system.shimapi import call, ok
-from tests.system.test_tenants import DROP_IN, shim_active, start_shim
+from tests.system.shimapi import call, install_shim, ok
+from tests.system.test_tenants import shim_active, start_shim
 from tests.system.testhost import TestHost, python_binds, restored_root
 
-BIN = Path(sys.prefix) / "bin"
 TENANT = "gamma"
 PROFILE = "base"
 CONF = "/etc/bitbuilder-host.conf"
@@ -126,14 +124,7 @@ def site(shared_dir: Path) -> Iterator[HostLayersSite]:
 @pytest.fixture(scope="module")
 def deployed(site: HostLayersSite) -> HostLayersSite:
     host, work = site.host, site.repo.bare.parent.parent
-    host.run(str(BIN / "bitbuilder-hostshim-install"))
-    flags = f"--file-source-root={work} --trusted-image-path={work / 'images'} --drift-interval=0"
-    host.enter("mkdir", "-p", str(Path(DROP_IN).parent))
-    host.enter(
-        "sh", "-c",
-        f"printf '[Service]\\nExecStart=\\nExecStart=bitbuilder-hostshim {flags}\\n' > {DROP_IN}",
-    )  # fmt: skip
-    host.enter("systemctl", "daemon-reload")
+    install_shim(host, work, work / "images")
     host.enter(
         "systemctl", "enable", "bitbuilder-hostshim.socket", "bitbuilder-hostshim.service",
         "bitbuilder-host-layers.service",

@@ -8,7 +8,6 @@ this machine in the shared folder. The tests run in file order: the reboot comes
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,9 @@ import pytest
 from bitbuilder.hostshim.images.busybox import build_busybox_rootfs
 from tests.helpers.gitserve import git
 from tests.helpers.wait import wait_for
-from tests.system.shimapi import call, ok
+from tests.system.shimapi import call, install_shim, ok
 from tests.system.testhost import TestHost
 
-BIN = Path(sys.prefix) / "bin"
-DROP_IN = "/etc/systemd/system/bitbuilder-hostshim.service.d/10-test.conf"
 # What many servers have: every link managed, with DHCP. Tenant links must stay the shim's.
 CATCH_ALL = "/etc/systemd/network/99-catch-all.network"
 TENANTS = ("alpha", "beta")
@@ -103,19 +100,7 @@ def deployment(testhost: TestHost, shared_dir: Path) -> Iterator[Deployment]:
     testhost.enter(
         "sh", "-c", f"printf '[Match]\\nName=*\\n[Network]\\nDHCP=yes\\n' > {CATCH_ALL}"
     )  # fmt: skip
-    testhost.run(str(BIN / "bitbuilder-hostshim-install"))
-    # No tenant disk images here: the test host has no e2fsprogs and only /dev/loop0-7, while
-    # loop indexes are shared with the machine running the tests (tests/hostile covers them).
-    flags = (
-        f"--file-source-root={repos} --trusted-image-path={images} --drift-interval=0 "
-        "--tenant-disk-size=0"
-    )
-    testhost.enter("mkdir", "-p", str(Path(DROP_IN).parent))
-    testhost.enter(
-        "sh", "-c", f"printf '[Service]\\nExecStart=\\nExecStart=bitbuilder-hostshim "
-        f"{flags}\\n' > {DROP_IN}"
-    )  # fmt: skip
-    testhost.enter("systemctl", "daemon-reload")
+    install_shim(testhost, repos, images)
     testhost.enter("systemctl", "enable", "bitbuilder-hostshim.service")
     start_shim(testhost)
     deployment = Deployment(testhost, repos)
