@@ -46,6 +46,7 @@ from bitbuilder.hostshim.state.store import (
     machine_hash,
     spec_hash,
 )
+from bitbuilder.hostshim.timing import phase
 
 log = logging.getLogger(__name__)
 
@@ -237,7 +238,7 @@ class MachineManager:
 
     def apply(self, spec: MachineSpec) -> MachineStatus:
         """Persist `spec` as desired, then bring the machine to it (synchronously)."""
-        with self._lock(spec.name):
+        with self._lock(spec.name), phase(spec.name, "apply (total)"):
             state = self._current_state(spec.name) or TenantState.new(spec)
             if machine_hash(spec) != machine_hash(state.desired):
                 state.machine_error = None  # it was about a machine no longer wanted

@@ -41,6 +41,7 @@ from bitbuilder.hostshim.machine.runtime.nspawn import (
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
 from bitbuilder.hostshim.source.git import Checkout
+from bitbuilder.hostshim.timing import phase
 
 RECORD = "machine.json"
 CONSOLE_LOG = "console.log"
@@ -131,12 +132,15 @@ class Runner:
         self, spec: MachineSpec, checkout: Checkout | None, paths: TenantPaths, rootfs: Path
     ) -> RunningMachine:
         init = detect_init(rootfs)
-        root = self._mount_root(paths, rootfs)
+        with phase(spec.name, "mount root"):
+            root = self._mount_root(paths, rootfs)
         layout = checkout.layout if checkout is not None else None
-        etc_layers, usr_layers = machine_layers(paths.run, layout, init is InitKind.systemd)
+        with phase(spec.name, "layers"):
+            etc_layers, usr_layers = machine_layers(paths.run, layout, init is InitKind.systemd)
         link = None
         if spec.network.mode is NetworkMode.isolated:
-            link = prepare_link(self.scope, spec.name, spec.network, self.pool)
+            with phase(spec.name, "network: link, nftables"):
+                link = prepare_link(self.scope, spec.name, spec.network, self.pool)
         started_at = datetime.now(UTC)
         revision = checkout.revision if checkout is not None else None
         self._write_record(paths, link, started_at, revision)
@@ -158,7 +162,8 @@ class Runner:
         )
         leader = self._await_leader(spec.name, pid, paths, init)
         if link is not None:
-            configure_link(link, leader)
+            with phase(spec.name, "network: configure inside"):
+                configure_link(link, leader)
         address = link.address if link else None
         return RunningMachine(spec.name, leader, started_at, address, revision)
 
@@ -183,13 +188,26 @@ class Runner:
         return root
 
     def _await_leader(self, name: str, pid: int, paths: TenantPaths, init: InitKind) -> int:
-        def leader() -> int | None:
+        def alive() -> None:
             if self.executor.pid(name) is None:
                 log = (paths.run / CONSOLE_LOG).read_text(errors="replace")[-2000:]
                 raise MachineError(f"machine {name!r} exited while starting: {log.strip()}")
+
+        def leader() -> int | None:
+            alive()
+            return find_leader(pid)
+
+        def ready() -> int | None:
+            alive()
             return init_ready(pid, init)
 
-        found = _poll(leader, LEADER_DEADLINE)
+        deadline = time.monotonic() + LEADER_DEADLINE
+        # Two waits only so the timing shows nspawn's own start apart from init's.
+        with phase(name, "nspawn start (uid shift, mounts)"):
+            found = _poll(leader, LEADER_DEADLINE)
+        if found is not None:
+            with phase(name, "init ready"):
+                found = _poll(ready, deadline - time.monotonic())
         if found is None:
             raise MachineError(f"machine {name!r} did not start within {LEADER_DEADLINE:.0f}s")
         return found
@@ -239,9 +257,11 @@ class Runner:
         """Power the machine off and remove everything its run created; keeps its data."""
         paths = TenantPaths(self.config, name)
         with self._lock(name):
-            self.executor.terminate(name, STOP_TIMEOUT)
-            teardown_link(self.scope, name)
-            _umount(paths.run / "root")
+            with phase(name, "stop: machine"):
+                self.executor.terminate(name, STOP_TIMEOUT)
+            with phase(name, "stop: link, mounts"):
+                teardown_link(self.scope, name)
+                _umount(paths.run / "root")
             if paths.run.is_dir():
                 for entry in paths.run.iterdir():
                     if entry.name == CONSOLE_LOG:
