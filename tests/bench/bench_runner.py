@@ -25,7 +25,6 @@ from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, make_shim
 
-
 # The isolation the runner gives a machine (runtime/nspawn.py), for a bare boot to compare with.
 SAME_ISOLATION = (
     "--private-users=pick", "--private-users-ownership=auto", "--link-journal=no",
