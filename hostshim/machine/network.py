@@ -128,8 +128,11 @@ def _reserved_networks() -> set[ipaddress.IPv4Network]:
 
 def _free_subnet(pool: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
     used = _used_networks() | _reserved_networks()
+    # Machines' /30s are looked up, the few other networks compared: one pass, not pool x used.
+    taken = {u for u in used if u.prefixlen == 30}
+    others = [u for u in used if u.prefixlen != 30]
     for subnet in pool.subnets(new_prefix=30):
-        if not any(subnet.overlaps(u) for u in used):
+        if subnet not in taken and not any(subnet.overlaps(u) for u in others):
             return subnet
     raise MachineError(
         f"no free /30 left in the machine network pool {pool}", reason="NetworkFailed"

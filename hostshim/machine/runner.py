@@ -86,6 +86,20 @@ def _remove(path: Path) -> None:
         raise MachineError(str(exc), reason="MountBusy") from exc
 
 
+def _left_over(paths: TenantPaths) -> bool:
+    """Anything of an earlier run that stop() has not cleared (a crash left it).
+
+    A run creates its root mount first and keeps its records (executor's and runner's) in the
+    run dir until its stop() has removed everything else, so a run dir with nothing but the
+    console log means a clean slate; the machine's filter is replaced by prepare_link anyway."""
+    if os.path.ismount(paths.run / "root"):
+        return True
+    try:
+        return any(entry.name != CONSOLE_LOG for entry in paths.run.iterdir())
+    except FileNotFoundError:
+        return False
+
+
 def check_spec(spec: MachineSpec) -> None:
     """Refuse what this runner can never start: called before a running machine is stopped."""
     if spec.runtime is not Runtime.nspawn:
@@ -123,7 +137,8 @@ class Runner:
                     f"machine {spec.name!r} is already running", reason="AlreadyRunning"
                 )
             rootfs = self.images.rootfs(spec.image)
-            self.stop(spec.name)  # leftovers of a crashed run
+            if _left_over(paths):
+                self.stop(spec.name)
             paths.run.mkdir(parents=True, exist_ok=True)
             try:
                 return self._start(spec, checkout, paths, rootfs)
