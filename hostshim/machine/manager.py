@@ -59,6 +59,10 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def _unwatched(name: str) -> None:
+    """No one to tell about a change (the manager without a server)."""
+
+
 def remove_tree(path: Path) -> None:
     """safepath.remove_tree, as a MachineError when something is still mounted below."""
     try:
@@ -82,6 +86,8 @@ class MachineManager:
         self.runner = runner
         self.images = images
         self.store = StateStore(config)
+        # Called (from the thread doing the work) whenever a tenant's status may have changed.
+        self.on_change: Callable[[str], None] = _unwatched
         self._tree_check = tree_check or TreeVerifier()
         self._now = now
         self.sources = SourceStep(config, source_for, load_layout, now)
@@ -104,6 +110,7 @@ class MachineManager:
         snapshot = state.model_copy(deep=True)
         with self._states_guard:
             self._states[state.name] = snapshot
+        self.on_change(state.name)
 
     def _names(self) -> list[str]:
         with self._states_guard:
@@ -113,15 +120,18 @@ class MachineManager:
         with self._states_guard:
             self._states.pop(name, None)
             self._broken.pop(name, None)
+        self.on_change(name)
 
     @contextmanager
     def _phase(self, name: str, busy: MachinePhase) -> Iterator[None]:
         """Show a transient phase (Starting, Updating) to status readers while work runs."""
         self._busy[name] = busy
+        self.on_change(name)
         try:
             yield
         finally:
             self._busy.pop(name, None)
+            self.on_change(name)
 
     def _current_state(self, name: str) -> TenantState | None:
         if name in self._broken:
