@@ -9,7 +9,9 @@ fleet commit brings the total to --tenants: timed until the reconciler reports e
 Running at the tenant repo's commit, with the shim's and the reconciler's RSS sampled
 meanwhile; the no-op PUT and the list are timed again. Finally one fleet commit removes them
 all, and the host is checked for anything of them left (processes, mounts, links, nft tables,
-cgroups, state). Everything runs under a temp dir that is removed at the end.
+cgroups, state). The shim logs its phases (DEBUG): the mean of each over the first and the
+last tenths of the starts shows what grows with the number of tenants. Everything runs under a
+temp dir that is removed at the end.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from bitbuilder.operator.api import Tenant
 from bitbuilder.operator.shimclient import ShimClient
 from bitbuilder.operator.translate import to_machine_spec
 from tests.bench.bench_standalone import HOUR
+from tests.bench.phases import last_apply, parse
 from tests.helpers.gitserve import git_daemon
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
@@ -131,6 +134,22 @@ def leftovers(host: Host, names: list[str]) -> list[str]:
     return left
 
 
+def phase_growth(lines: list[str], names: list[str]) -> list[str]:
+    """Mean ms of each start phase over the first and the last tenth of `names` (in order)."""
+    tenth = max(1, len(names) // 10)
+    means: list[dict[str, float]] = []
+    for group in (names[:tenth], names[-tenth:]):
+        sums: dict[str, float] = {}
+        for name in group:
+            for phase, ms in last_apply(parse(lines, name)):
+                sums[phase] = sums.get(phase, 0.0) + ms
+        means.append({phase: total / len(group) for phase, total in sums.items()})
+    rows = [f"start phases, mean ms: first {tenth} tenants -> last {tenth}"]
+    for phase in means[1]:
+        rows.append(f"  {phase:<36} {means[0].get(phase, 0.0):8.1f} -> {means[1][phase]:8.1f}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tenants", type=int, default=100)
@@ -145,7 +164,7 @@ def main() -> None:
             host = Host(root, server, rootfs)
             rows: list[str] = []
             try:
-                host.start_shim()
+                host.start_shim("--log-level", "DEBUG")
                 commit = host.tenant_repo("many", "many").head()
                 names = [f"t{i:03d}" for i in range(args.tenants)]
                 manifests = {f"{n}.yaml": tenant_manifest(n, host.url("many"), HOUR) for n in names}
@@ -178,6 +197,8 @@ def main() -> None:
                     up = time.perf_counter() - began
                 rows.append(f"fleet commit -> {args.tenants} Running ({args.tenants - args.baseline}"
                             f" new): {up:.1f} s")  # fmt: skip
+                log = (host.procs.logs / "hostshim.log").read_text(errors="replace")
+                rows += phase_growth(log.splitlines(), names[args.baseline :])
                 putn, listn = measure_calls(args.tenants)
                 rows.append(f"ratio at {args.tenants} to {args.baseline}: no-op PUT "
                             f"{putn / put10:.1f}x, list {listn / list10:.1f}x (target <= 2x)")  # fmt: skip
