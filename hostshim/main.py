@@ -27,7 +27,8 @@ from bitbuilder.hostshim.config import (
 )
 from bitbuilder.hostshim.images.store import ImageStore
 from bitbuilder.hostshim.machine.executor import select_executor
-from bitbuilder.hostshim.machine.manager import MachineManager, SourceLike
+from bitbuilder.hostshim.machine.manager import MachineManager
+from bitbuilder.hostshim.machine.parts import SourceLike
 from bitbuilder.hostshim.machine.runner import Runner
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.server.app import serve

@@ -12,6 +12,7 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 from bitbuilder.hostshim.api import MachinePhase, MachineStatus, parse_duration
 from bitbuilder.operator.api import Tenant, TenantPhase, TenantStatus
@@ -37,7 +38,9 @@ NO_SOURCE_INTERVAL = 300.0  # still come back now and then: the shim reports dri
 BACKOFF_MIN = 2.0
 BACKOFF_MAX = 300.0
 JITTER = 0.1
-PROGRESS_POLL = 0.5
+PROGRESS_RETRY = 0.5  # after a watch that came back without news (an error, a shim too old)
+WATCH_WAIT = 30.0
+BUSY = (MachinePhase.pending, MachinePhase.starting, MachinePhase.updating)
 
 Progress = Callable[[TenantStatus], Awaitable[None]]
 
@@ -177,16 +180,22 @@ async def _watch_progress(
     previous: TenantStatus | None,
     progress: Progress,
 ) -> MachineStatus:
-    """While the PUT runs, report the shim's intermediate phases (Updating, Starting)."""
+    """While the PUT runs, report the shim's intermediate phases (Starting, Updating) as the
+    shim pushes them: a waiting read that it answers when the phase changes."""
+    name = tenant.metadata.name
     seen: MachinePhase | None = None
-    busy = (MachinePhase.pending, MachinePhase.starting, MachinePhase.updating)
     try:
         while True:
-            done, _ = await asyncio.wait({call}, timeout=PROGRESS_POLL)
-            if done:
+            unless = {p for p in MachinePhase if p not in BUSY or p == seen}
+            watch = asyncio.ensure_future(shim.watch(name, unless, WATCH_WAIT))
+            either: set[asyncio.Future[Any]] = {call, watch}
+            done, _ = await asyncio.wait(either, return_when=asyncio.FIRST_COMPLETED)
+            if call in done:
+                watch.cancel()
                 return call.result()
-            current = await _current(shim, tenant.metadata.name)
-            if current is None or current.phase not in busy or current.phase == seen:
+            current = None if watch.exception() else watch.result()
+            if current is None or current.phase in unless:
+                await asyncio.wait({call}, timeout=PROGRESS_RETRY)
                 continue
             seen = current.phase
             now = _utcnow()

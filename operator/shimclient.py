@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
@@ -20,6 +21,7 @@ from bitbuilder.hostshim.api import (
     ImageSpec,
     ImageStatus,
     MachineList,
+    MachinePhase,
     MachineSpec,
     MachineStatus,
 )
@@ -128,6 +130,25 @@ class ShimClient:
     async def get(self, name: str) -> MachineStatus | None:
         try:
             return await self._typed(MachineStatus, "GET", f"/machines/{name}")
+        except ShimApiError as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    async def watch(
+        self, name: str, unless: Collection[MachinePhase], wait: float
+    ) -> MachineStatus | None:
+        """The status once its phase is none of `unless` (pushed by the shim at the change),
+        or as it is after `wait` seconds; None if the machine is unknown then."""
+        params = {"wait": f"{wait:g}", "unlessPhase": ",".join(sorted(unless))}
+        try:
+            return await self._typed(
+                MachineStatus,
+                "GET",
+                f"/machines/{name}",
+                params=params,
+                timeout=wait + self.timeout,
+            )
         except ShimApiError as exc:
             if exc.status == 404:
                 return None

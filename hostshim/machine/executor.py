@@ -24,6 +24,7 @@ from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
 from bitbuilder.hostshim.machine.cgroups import MachineCgroups, create_cgroups, signal_pid
 from bitbuilder.hostshim.paths import TenantPaths
+from bitbuilder.hostshim.timing import phase
 
 RECORD = "executor.json"
 EXEC_DEADLINE = 10.0
@@ -117,9 +118,11 @@ class DirectExecutor:
     def launch(self, name: str, argv: list[str], limits: ResourceLimits, log: Path) -> int:
         if self.pid(name) is not None:
             raise MachineError(f"machine {name!r} is already running", reason="AlreadyRunning")
-        cgroups = create_cgroups(self.scope, name, limits, self.config.default_memory_bytes)
+        with phase(name, "cgroups"):
+            cgroups = create_cgroups(self.scope, name, limits, self.config.default_memory_bytes)
         try:
-            return self._spawn(name, argv, cgroups, log)
+            with phase(name, "nspawn exec"):
+                return self._spawn(name, argv, cgroups, log)
         except BaseException:
             self._empty(cgroups)
             cgroups.remove()

@@ -1,7 +1,9 @@
 """Desired -> applied for every tenant: idempotent, resumable, one tenant at a time.
 
-The manager owns the state files and drives the git source (source/git.py) and the machine runner
-(runner.py). A tenant's lock serialises everything that changes it; status reads never wait for a lock.
+The manager owns the state files, the locks and the reads; the work is done by two steps, each
+owning one condition of the status: the source step (source_step.py: fetch, verify, check out;
+SourceReady) and then the machine step (machine_step.py: start, update, roll back; MachineReady).
+A tenant's lock serialises everything that changes it; status reads never wait for a lock.
 A source or layout problem never stops a machine: the last good revision keeps running and
 the problem is reported in status. A new revision is fetched and validated before the old
 machine is stopped.
@@ -13,17 +15,14 @@ import logging
 import os
 import threading
 import uuid
-from collections.abc import Callable, Collection, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Protocol
 
 from bitbuilder.hostshim import safepath
 from bitbuilder.hostshim.api import (
     ErrorInfo,
-    GitRef,
     ImageSpec,
     ImageStatus,
     MachinePhase,
@@ -31,21 +30,19 @@ from bitbuilder.hostshim.api import (
     MachineStatus,
 )
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.errors import (
-    Conflict,
-    MachineError,
-    NotFound,
-    ShimError,
-    SourceError,
-    host_error_from,
-)
+from bitbuilder.hostshim.errors import Conflict, MachineError, NotFound, ShimError
 from bitbuilder.hostshim.machine.drift import TreeVerifier
-from bitbuilder.hostshim.machine.runner import check_spec
+from bitbuilder.hostshim.machine.machine_step import MachineStep
+from bitbuilder.hostshim.machine.parts import (
+    ImagesLike,
+    LayoutLoader,
+    RunnerLike,
+    SourceFactory,
+    TreeCheck,
+)
+from bitbuilder.hostshim.machine.source_step import SourceStep
 from bitbuilder.hostshim.paths import TenantPaths, checked_name
-from bitbuilder.hostshim.source.git import Checkout
-from bitbuilder.hostshim.source.layout import Layout
 from bitbuilder.hostshim.state.store import (
-    AppliedState,
     Intent,
     StateError,
     StateStore,
@@ -53,51 +50,17 @@ from bitbuilder.hostshim.state.store import (
     machine_hash,
     spec_hash,
 )
+from bitbuilder.hostshim.timing import phase
 
 log = logging.getLogger(__name__)
 
 
-# --- what the manager needs of runner, source and image store (protocols: tests pass fakes) ---
-
-
-class MachineInfo(Protocol):
-    @property
-    def leader_pid(self) -> int: ...
-    @property
-    def revision(self) -> str | None: ...
-    @property
-    def started_at(self) -> datetime: ...
-    @property
-    def address(self) -> str | None: ...
-
-
-class RunnerLike(Protocol):
-    def start(self, spec: MachineSpec, checkout: Checkout | None) -> MachineInfo: ...
-    def stop(self, name: str) -> None: ...
-    def inspect(self, name: str) -> MachineInfo | None: ...
-    def adopt(self) -> Mapping[str, MachineInfo]: ...
-    def remove_data(self, name: str) -> None: ...
-
-
-class SourceLike(Protocol):
-    def sync(self, spec: MachineSpec) -> Checkout: ...
-    def prune(self, keep: Collection[str]) -> None: ...
-    def remove(self) -> None: ...
-
-
-class ImagesLike(Protocol):
-    def put(self, name: str, spec: ImageSpec) -> ImageStatus: ...
-    def get(self, name: str) -> ImageStatus: ...
-    def list(self) -> list[ImageStatus]: ...
-
-
-SourceFactory = Callable[[TenantPaths], SourceLike]
-LayoutLoader = Callable[[Path, MachineSpec], Layout]
-TreeCheck = Callable[[Path, str, Path], list[str]]  # (bare repo, commit, tree) -> differences
-
-
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def _unwatched(name: str) -> None:
+    """No one to tell about a change (the manager without a server)."""
 
 
 def remove_tree(path: Path) -> None:
@@ -106,14 +69,6 @@ def remove_tree(path: Path) -> None:
         safepath.remove_tree(path)
     except safepath.UnsafePath as exc:
         raise MachineError(str(exc), reason="CleanupFailed") from exc
-
-
-def pinned(spec: MachineSpec, commit: str) -> MachineSpec:
-    """The same spec with its source pinned to `commit` (to re-check out an applied revision)."""
-    assert spec.source is not None
-    return spec.model_copy(
-        update={"source": spec.source.model_copy(update={"ref": GitRef(commit=commit)})}
-    )
 
 
 class MachineManager:
@@ -131,10 +86,12 @@ class MachineManager:
         self.runner = runner
         self.images = images
         self.store = StateStore(config)
-        self._source_for = source_for
-        self._load_layout = load_layout
+        # Called (from the thread doing the work) whenever a tenant's status may have changed.
+        self.on_change: Callable[[str], None] = _unwatched
         self._tree_check = tree_check or TreeVerifier()
         self._now = now
+        self.sources = SourceStep(config, source_for, load_layout, now)
+        self.machine = MachineStep(runner, images, self.sources, self._save, self._phase, now)
         self._states: dict[str, TenantState] = {}
         self._broken: dict[str, StateError] = {}
         self._busy: dict[str, MachinePhase] = {}
@@ -153,6 +110,7 @@ class MachineManager:
         snapshot = state.model_copy(deep=True)
         with self._states_guard:
             self._states[state.name] = snapshot
+        self.on_change(state.name)
 
     def _names(self) -> list[str]:
         with self._states_guard:
@@ -162,35 +120,29 @@ class MachineManager:
         with self._states_guard:
             self._states.pop(name, None)
             self._broken.pop(name, None)
+        self.on_change(name)
 
     @contextmanager
-    def _phase(self, name: str, phase: MachinePhase) -> Iterator[None]:
+    def _phase(self, name: str, busy: MachinePhase) -> Iterator[None]:
         """Show a transient phase (Starting, Updating) to status readers while work runs."""
-        self._busy[name] = phase
+        self._busy[name] = busy
+        self.on_change(name)
         try:
             yield
         finally:
             self._busy.pop(name, None)
+            self.on_change(name)
 
-    def _error(self, exc: BaseException, revision: str | None = None) -> ErrorInfo:
-        # A full or read-only disk is the host's condition: say what to change.
-        exc = host_error_from(exc, "the shim could not write its files") or exc
-        if isinstance(exc, ShimError):
-            return ErrorInfo(
-                reason=exc.reason,
-                message=exc.message,
-                revision=exc.revision or revision,
-                at=self._now(),
-            )
-        log.error("unexpected error", exc_info=exc)
-        return ErrorInfo(
-            reason="InternalError", message=f"{type(exc).__name__}: {exc}", at=self._now()
-        )
-
-    def _current_state(self, name: str) -> TenantState | None:
+    def _stored_state(self, name: str) -> TenantState | None:
+        """The last saved state, shared: for reads only (a save replaces it, never changes it).
+        A list copied every state deeply: 90% of its time, at any number of tenants."""
         if name in self._broken:
             raise self._broken[name]
-        state = self._states.get(name)
+        return self._states.get(name)
+
+    def _current_state(self, name: str) -> TenantState | None:
+        """The last saved state, to change and save."""
+        state = self._stored_state(name)
         return state.model_copy(deep=True) if state is not None else None
 
     # --- startup ---------------------------------------------------------------------------
@@ -229,7 +181,7 @@ class MachineManager:
                     elif self._needs_reconcile(state):
                         self._reconcile_and_save(state)
                     elif not state.desired.suspend:
-                        self._ensure_applied_running(state)
+                        self.machine.keep_applied_running(state)
                         self._save(state)
                 except Exception:
                     log.exception("tenant %s: resuming failed", name)
@@ -246,7 +198,7 @@ class MachineManager:
 
     def apply(self, spec: MachineSpec) -> MachineStatus:
         """Persist `spec` as desired, then bring the machine to it (synchronously)."""
-        with self._lock(spec.name):
+        with self._lock(spec.name), phase(spec.name, "apply (total)"):
             state = self._current_state(spec.name) or TenantState.new(spec)
             if machine_hash(spec) != machine_hash(state.desired):
                 state.machine_error = None  # it was about a machine no longer wanted
@@ -265,201 +217,19 @@ class MachineManager:
             self._save(state)
 
     def _reconcile(self, state: TenantState) -> None:
-        spec = state.desired
-        if spec.suspend:
-            self._suspend(state)
+        if state.desired.suspend:
+            self.machine.suspend(state)
             return
-        checkout: Checkout | None = None
-        if spec.source is not None:
-            try:
-                checkout = self._source(spec.name).sync(spec)
-            except Exception as exc:
-                state.source_error = self._error(exc)
-                if isinstance(exc, SourceError) and exc.revision:
-                    state.source_revision = exc.revision
-                log.warning("tenant %s: source: %s", spec.name, state.source_error.message)
-                self._ensure_applied_running(state)
-                return
-            state.source_revision = checkout.revision
-            state.source_error = None
-        self._converge(state, checkout)
-
-    def _suspend(self, state: TenantState) -> None:
-        if self.runner.inspect(state.name) is not None:
-            log.info("tenant %s: suspending", state.name)
-        try:
-            self.runner.stop(state.name)
-        except Exception as exc:
-            state.machine_error = self._error(exc)
+        checkout = self.sources.sync(state)
+        if state.desired.source is not None and checkout is None:
+            self.machine.keep_applied_running(state)
             return
-        if state.applied is not None:
-            state.applied.running = False
-        state.machine_error = None
-
-    def _converge(self, state: TenantState, checkout: Checkout | None) -> None:
-        """Start or update the machine to (desired spec, checkout); roll back if that fails."""
-        spec = state.desired
-        target = f"{checkout.commit if checkout else None}:{machine_hash(spec)}"
-        running = self.runner.inspect(spec.name)
-        if running is not None and self._runs_target(state, target, running, checkout):
-            self._record_applied(state, checkout)
-            return
-        if running is not None and state.failed_target == target:
-            return  # this exact target failed before; the previous machine keeps running
-        # Persisted before acting: a crash after the start is recognised at the next start.
-        state.starting = target
-        self._save(state)
-        try:
-            if self._replace(state, checkout, target, running is not None):
-                self._record_applied(state, checkout)
-        finally:
-            state.starting = None
-
-    def _runs_target(
-        self, state: TenantState, target: str, running: MachineInfo, checkout: Checkout | None
-    ) -> bool:
-        applied = state.applied
-        if applied is not None and applied.running and target == applied.target:
-            return True
-        # The shim died after starting this very target, before recording it as applied.
-        revision = checkout.revision if checkout is not None else None
-        return state.starting == target and running.revision == revision
-
-    def _replace(
-        self, state: TenantState, checkout: Checkout | None, target: str, running: bool
-    ) -> bool:
-        """Stop what runs, start the target; False (and status says why) if that failed."""
-        name = state.name
-        try:  # a start bound to fail must not stop what runs
-            check_spec(state.desired)
-            self.images.get(state.desired.image)
-        except ShimError as exc:
-            state.machine_error = self._error(exc, checkout.revision if checkout else None)
-            state.failed_target = target
-            log.warning("tenant %s: cannot start: %s", name, state.machine_error.message)
-            return False
-        with self._phase(name, MachinePhase.updating if running else MachinePhase.starting):
-            try:
-                if running:
-                    self.runner.stop(name)
-            except Exception as exc:
-                # The old machine still runs; the target is not known to be bad: retried later.
-                state.machine_error = self._error(
-                    exc, state.applied.revision if state.applied else None
-                )
-                log.warning("tenant %s: stop failed: %s", name, state.machine_error.message)
-                return False
-            try:
-                self.runner.start(state.desired, checkout)
-            except Exception as exc:
-                state.machine_error = self._error(exc, checkout.revision if checkout else None)
-                state.failed_target = target
-                log.warning("tenant %s: start failed: %s", name, state.machine_error.message)
-                if running:
-                    self._rollback(state)
-                return False
-        return True
-
-    def _record_applied(self, state: TenantState, checkout: Checkout | None) -> None:
-        """What is desired is what runs now."""
-        spec, previous = state.desired, state.applied
-        applied = AppliedState(
-            spec=spec,
-            spec_hash=spec_hash(spec),
-            machine_hash=machine_hash(spec),
-            commit=checkout.commit if checkout is not None else None,
-            ref=checkout.ref if checkout is not None else None,
-            running=True,
-            at=self._now(),
-        )
-        unchanged = previous is not None and previous.running and previous.target == applied.target
-        if unchanged:
-            assert previous is not None
-            applied.at = previous.at
-        state.applied = applied
-        state.machine_error = None
-        state.failed_target = None
-        state.starting = None
-        if not unchanged:
-            log.info("tenant %s: running %s", state.name, applied.revision or "(no source)")
-        if checkout is not None and not unchanged:
-            state.record_applied(checkout.commit, applied.at)
-            self._switch_current(state.name, checkout.commit)
-            self._prune(state)
-
-    def _rollback(self, state: TenantState) -> None:
-        """The new target failed to start: bring the previous applied machine back."""
-        assert state.machine_error is not None
-        try:
-            self._start_applied(state)
-        except Exception as exc:
-            again = self._error(exc)
-            state.machine_error.message += (
-                f"; restarting the previous revision failed too: {again.message}"
-            )
-
-    def _ensure_applied_running(self, state: TenantState) -> None:
-        """Keep (or bring back) the last good machine: the desired one cannot be built now."""
-        applied = state.applied
-        if applied is None or self.runner.inspect(state.name) is not None:
-            return
-        try:
-            self._start_applied(state)
-            applied.running = True
-        except Exception as exc:
-            state.machine_error = self._error(exc, applied.revision)
-
-    def _start_applied(self, state: TenantState) -> None:
-        """(Re)start the machine exactly as last applied: same spec, same revision tree."""
-        applied = state.applied
-        assert applied is not None
-        checkout = self._applied_checkout(state)
-        self.runner.stop(state.name)
-        self.runner.start(applied.spec, checkout)
-
-    def _restart_applied(self, state: TenantState, phase: MachinePhase) -> bool:
-        """_start_applied showing `phase` meanwhile; a failure becomes the machineError."""
-        assert state.applied is not None
-        with self._phase(state.name, phase):
-            try:
-                self._start_applied(state)
-            except Exception as exc:
-                state.machine_error = self._error(exc, state.applied.revision)
-                return False
-            state.machine_error = None
-            return True
-
-    def _applied_checkout(self, state: TenantState) -> Checkout | None:
-        applied = state.applied
-        assert applied is not None
-        if applied.commit is None:
-            return None
-        tree = self._paths(state.name).revision(applied.commit)
-        if tree.is_dir():
-            layout = self._load_layout(tree, applied.spec)
-            return Checkout(applied.commit, applied.ref or applied.commit, tree, layout)
-        # The tree is gone (pruned by hand, or moved aside as tampered): check it out again.
-        checkout = self._source(state.name).sync(pinned(applied.spec, applied.commit))
-        return replace(checkout, ref=applied.ref or checkout.ref)
-
-    def _switch_current(self, name: str, commit: str) -> None:
-        """Point `current` at the applied revision: a new symlink renamed over the old one."""
-        paths = self._paths(name)
-        target = paths.revision(commit).relative_to(paths.root)
-        tmp = paths.root / f".current.{uuid.uuid4().hex}"
-        os.symlink(target, tmp)
-        os.replace(tmp, paths.current)
-
-    def _prune(self, state: TenantState) -> None:
-        try:
-            self._source(state.name).prune([h.revision for h in state.history])
-        except Exception:
-            log.exception("tenant %s: pruning old revisions failed", state.name)
+        self.machine.converge(state, checkout)
 
     # --- reads -----------------------------------------------------------------------------
 
     def get(self, name: str) -> MachineStatus:
-        state = self._current_state(checked_name(name))
+        state = self._stored_state(checked_name(name))
         if state is None:
             raise NotFound(f"machine {name!r} not found")
         return self._status(state)
@@ -467,7 +237,7 @@ class MachineManager:
     def list_machines(self) -> list[MachineStatus]:
         statuses = []
         for name in self._names():
-            state = self._current_state(name) if name not in self._broken else None
+            state = self._stored_state(name) if name not in self._broken else None
             if state is not None:
                 statuses.append(self._status(state))
         return statuses
@@ -528,7 +298,7 @@ class MachineManager:
         self.runner.stop(name)
         if not keep_data:
             self.runner.remove_data(name)
-        self._source(name).remove()
+        self.sources.source(name).remove()
         remove_tree(paths.run)
         if paths.root.is_dir():
             for entry in paths.root.iterdir():
@@ -554,7 +324,7 @@ class MachineManager:
                 self._save(state)
                 self._reconcile_and_save(state)
                 return self._status(state)
-            self._restart_applied(state, MachinePhase.starting)
+            self.machine.restart_applied(state, MachinePhase.starting)
             self._save(state)
             return self._status(state)
 
@@ -596,7 +366,7 @@ class MachineManager:
             return True
         if running:
             return False
-        if self._restart_applied(state, MachinePhase.starting):
+        if self.machine.restart_applied(state, MachinePhase.starting):
             self._record_drift(state, "MachineRestarted", "machine was not running; restarted")
         else:
             assert state.machine_error is not None
@@ -623,7 +393,7 @@ class MachineManager:
         aside = paths.revisions / f".tampered-{state.applied.commit}-{uuid.uuid4().hex[:8]}"
         if tree.is_dir():
             os.rename(tree, aside)
-        self._restart_applied(state, MachinePhase.updating)
+        self.machine.restart_applied(state, MachinePhase.updating)
         try:
             remove_tree(aside)
         except ShimError as exc:
@@ -659,6 +429,3 @@ class MachineManager:
 
     def _paths(self, name: str) -> TenantPaths:
         return TenantPaths(self.config, name)
-
-    def _source(self, name: str) -> SourceLike:
-        return self._source_for(self._paths(name))

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ DEFAULT_POOL = ipaddress.IPv4Network("10.250.0.0/16")
 POOL_LOCK = Path("/run/lock/bitbuilder-netpool.lock")
 RESERVATIONS = Path("/run/lock/bitbuilder-netpool.d")
 MACHINE_IFNAME = "host0"
+RESERVATION_GRACE = 300.0  # s; far longer than prepare_link -> configure_link in any start
 
 
 # The Debian package of each tool the network needs, for the error that says to install it.
@@ -153,26 +155,31 @@ def _used_networks() -> set[ipaddress.IPv4Network]:
 
 
 def _reserved_networks() -> set[ipaddress.IPv4Network]:
+    """Subnets held for a link: it exists (maybe not addressed yet), or its start is still under
+    way. Not by listing nftables tables: with hundreds of machines that took seconds, under the
+    pool lock. A reservation left by a crash is passed over here and removed by the teardown."""
     if not RESERVATIONS.is_dir():
         return set()
-    tables = _run(["nft", "list", "tables"], "cannot list nftables tables").split()
     reserved = set()
+    now = time.time()
     for entry in RESERVATIONS.iterdir():
         try:
             owner = entry.read_text().strip()
+            age = now - entry.stat().st_mtime
         except FileNotFoundError:  # a teardown (not under the pool lock) removed it meanwhile
             continue
-        if _table(owner) in tables:
+        if age < RESERVATION_GRACE or Path("/sys/class/net", owner).exists():
             reserved.add(ipaddress.IPv4Network(f"{entry.name}/30"))
-        else:
-            entry.unlink(missing_ok=True)
     return reserved
 
 
 def _free_subnet(pool: ipaddress.IPv4Network) -> ipaddress.IPv4Network:
     used = _used_networks() | _reserved_networks()
+    # Machines' /30s are looked up, the few other networks compared: one pass, not pool x used.
+    taken = {u for u in used if u.prefixlen == 30}
+    others = [u for u in used if u.prefixlen != 30]
     for subnet in pool.subnets(new_prefix=30):
-        if not any(subnet.overlaps(u) for u in used):
+        if subnet not in taken and not any(subnet.overlaps(u) for u in others):
             return subnet
     raise MachineError(
         f"no free /30 left in the machine network pool {pool}", reason="NetworkFailed"
@@ -304,8 +311,12 @@ def teardown_link(scope: str, name: str) -> None:
 
     Everything is derived from the names, so this works without the run record too."""
     ifname = link_name(scope, name)
-    _quiet(["nft", "delete", "table", "inet", _table(ifname)])
+    reservations = _reservations_of(ifname)
+    # The table is made after the reservation and the reservation removed after the table, so
+    # without one there is no table to delete (nft takes most of a second to say so at 400).
+    if reservations:
+        _quiet(["nft", "delete", "table", "inet", _table(ifname)])
     if Path("/sys/class/net", ifname).exists():
         _quiet(["ip", "link", "del", ifname])
-    for entry in _reservations_of(ifname):
+    for entry in reservations:
         entry.unlink(missing_ok=True)

@@ -11,9 +11,11 @@ it even after a crash that lost the run record.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
+import signal
 import subprocess
 import threading
 import time
@@ -27,7 +29,7 @@ from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
 from bitbuilder.hostshim.images.store import ImageStore
 from bitbuilder.hostshim.machine.datadisk import mount_data, unmount_data
-from bitbuilder.hostshim.machine.executor import Executor, shim_scope
+from bitbuilder.hostshim.machine.executor import KILL_DEADLINE, Executor, shim_scope, wait_exit
 from bitbuilder.hostshim.machine.layers import layer_sources, machine_layers
 from bitbuilder.hostshim.machine.network import Link, configure_link, prepare_link, teardown_link
 from bitbuilder.hostshim.machine.runtime.nspawn import (
@@ -39,10 +41,12 @@ from bitbuilder.hostshim.machine.runtime.nspawn import (
     find_leader,
     init_ready,
     nspawn_argv,
+    shut_down,
 )
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
 from bitbuilder.hostshim.source.git import Checkout
+from bitbuilder.hostshim.timing import phase
 
 RECORD = "machine.json"
 CONSOLE_LOG = "console.log"
@@ -84,6 +88,20 @@ def _remove(path: Path) -> None:
         raise MachineError(str(exc), reason="MountBusy") from exc
 
 
+def _left_over(paths: TenantPaths) -> bool:
+    """Anything of an earlier run that stop() has not cleared (a crash left it).
+
+    A run creates its root mount first and keeps its records (executor's and runner's) in the
+    run dir until its stop() has removed everything else, so a run dir with nothing but the
+    console log means a clean slate; the machine's filter is replaced by prepare_link anyway."""
+    if os.path.ismount(paths.run / "root"):
+        return True
+    try:
+        return any(entry.name != CONSOLE_LOG for entry in paths.run.iterdir())
+    except FileNotFoundError:
+        return False
+
+
 def check_spec(spec: MachineSpec) -> None:
     """Refuse what this runner can never start: called before a running machine is stopped."""
     if spec.runtime is not Runtime.nspawn:
@@ -122,7 +140,8 @@ class Runner:
                     f"machine {spec.name!r} is already running", reason="AlreadyRunning"
                 )
             rootfs = self.images.rootfs(spec.image)
-            self.stop(spec.name)  # leftovers of a crashed run
+            if _left_over(paths):
+                self.stop(spec.name)
             paths.run.mkdir(parents=True, exist_ok=True)
             try:
                 return self._start(spec, checkout, paths, rootfs)
@@ -134,16 +153,19 @@ class Runner:
         self, spec: MachineSpec, checkout: Checkout | None, paths: TenantPaths, rootfs: Path
     ) -> RunningMachine:
         init = detect_init(rootfs)
-        mount_data(paths, spec.resources.disk_bytes or self.config.tenant_disk_bytes)
-        root = self._mount_root(paths, rootfs)
+        with phase(spec.name, "mount data, root"):
+            mount_data(paths, spec.resources.disk_bytes or self.config.tenant_disk_bytes)
+            root = self._mount_root(paths, rootfs)
         layout = checkout.layout if checkout is not None else None
-        etc_layers, usr_layers = machine_layers(paths.run, layout, init is InitKind.systemd)
+        with phase(spec.name, "layers"):
+            etc_layers, usr_layers = machine_layers(paths.run, layout, init is InitKind.systemd)
         link = None
         if spec.network.mode is NetworkMode.isolated:
-            link = prepare_link(self.scope, spec.name, spec.network, self.pool)
+            with phase(spec.name, "network: link, nftables"):
+                link = prepare_link(self.scope, spec.name, spec.network, self.pool)
         started_at = datetime.now(UTC)
         revision = checkout.revision if checkout is not None else None
-        self._write_record(paths, link, started_at, revision)
+        self._write_record(paths, link, started_at, revision, init)
         settings = layout.settings if layout is not None else None
         machine = NspawnMachine(
             name=spec.name,
@@ -163,7 +185,8 @@ class Runner:
         )
         leader = self._await_leader(spec.name, pid, paths, init)
         if link is not None:
-            configure_link(link, leader)
+            with phase(spec.name, "network: configure inside"):
+                configure_link(link, leader)
         address = link.address if link else None
         return RunningMachine(spec.name, leader, started_at, address, revision)
 
@@ -188,24 +211,43 @@ class Runner:
         return root
 
     def _await_leader(self, name: str, pid: int, paths: TenantPaths, init: InitKind) -> int:
-        def leader() -> int | None:
+        def alive() -> None:
             if self.executor.pid(name) is None:
                 log = (paths.run / CONSOLE_LOG).read_text(errors="replace")[-2000:]
                 raise MachineError(f"machine {name!r} exited while starting: {log.strip()}")
+
+        def leader() -> int | None:
+            alive()
+            return find_leader(pid)
+
+        def ready() -> int | None:
+            alive()
             return init_ready(pid, init)
 
-        found = _poll(leader, LEADER_DEADLINE)
+        deadline = time.monotonic() + LEADER_DEADLINE
+        # Two waits only so the timing shows nspawn's own start apart from init's.
+        with phase(name, "nspawn start (uid shift, mounts)"):
+            found = _poll(leader, LEADER_DEADLINE)
+        if found is not None:
+            with phase(name, "init ready"):
+                found = _poll(ready, deadline - time.monotonic())
         if found is None:
             raise MachineError(f"machine {name!r} did not start within {LEADER_DEADLINE:.0f}s")
         return found
 
     def _write_record(
-        self, paths: TenantPaths, link: Link | None, started_at: datetime, revision: str | None
+        self,
+        paths: TenantPaths,
+        link: Link | None,
+        started_at: datetime,
+        revision: str | None,
+        init: InitKind,
     ) -> None:
         record = {
             "link": link.to_json() if link else None,
             "startedAt": started_at.isoformat(),
             "revision": revision,
+            "init": init.value,
         }
         tmp = paths.run / f"{RECORD}.tmp"
         tmp.write_text(json.dumps(record))
@@ -244,15 +286,53 @@ class Runner:
         """Power the machine off and remove everything its run created; keeps its data."""
         paths = TenantPaths(self.config, name)
         with self._lock(name):
-            self.executor.terminate(name, STOP_TIMEOUT)
-            teardown_link(self.scope, name)
-            _umount(paths.run / "root")
-            unmount_data(paths)
+            with phase(name, "stop: machine"):
+                self._power_off(name, paths)
+                self.executor.terminate(name, STOP_TIMEOUT)
+            with phase(name, "stop: link, mounts"):
+                teardown_link(self.scope, name)
+                _umount(paths.run / "root")
+                unmount_data(paths)
             if paths.run.is_dir():
                 for entry in paths.run.iterdir():
                     if entry.name == CONSOLE_LOG:
                         continue
                     _remove(entry)
+
+    def _power_off(self, name: str, paths: TenantPaths) -> None:
+        """Power a busybox-style machine off without its init's fixed pauses (2 s of its 2.1):
+        the init runs its shutdown actions and ends every process as it always does, and is
+        killed only once nothing but those pauses is left. Any other machine, or one whose init
+        cannot take the signal yet, is left to the executor's terminate()."""
+        pid = self.executor.pid(name)
+        if pid is None or self._recorded_init(paths) is not InitKind.other:
+            return
+        leader = init_ready(pid, InitKind.other)
+        if leader is None:
+            return
+        try:
+            fd = os.pidfd_open(leader)  # the signals reach this process, never a reused pid
+        except ProcessLookupError:
+            return
+        try:
+            if find_leader(pid) != leader:
+                return
+            signal.pidfd_send_signal(fd, InitKind.other.kill_signo)
+            if _poll(lambda: leader if shut_down(leader) else None, STOP_TIMEOUT) is None:
+                return
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        finally:
+            os.close(fd)
+        wait_exit(pid, KILL_DEADLINE)  # nspawn sees its machine gone and exits
+
+    @staticmethod
+    def _recorded_init(paths: TenantPaths) -> InitKind | None:
+        try:
+            value = json.loads((paths.run / RECORD).read_text()).get("init")
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return InitKind(value) if value in tuple(InitKind) else None
 
     def remove_data(self, name: str) -> None:
         with self._lock(name):

@@ -17,7 +17,7 @@ import re
 import socket
 import stat
 import struct
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Awaitable, Callable, Collection, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -35,10 +35,11 @@ from bitbuilder.hostshim.api import (
     ImageList,
     ImageSpec,
     MachineList,
+    MachinePhase,
     MachineSpec,
 )
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.errors import ShimError, host_error_from
+from bitbuilder.hostshim.errors import NotFound, ShimError, host_error_from
 from bitbuilder.hostshim.host.layers import HostLayers
 from bitbuilder.hostshim.machine.manager import MachineManager
 from bitbuilder.hostshim.policy import host_port_refusal
@@ -52,6 +53,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 _LABEL = re.compile(DNS1123_LABEL_PATTERN)
 _MAX_ERRORS_SHOWN = 5
+MAX_WAIT = 60.0  # seconds a machine read may wait for a change (?wait=)
 
 
 class ApiProblem(Exception):
@@ -200,6 +202,42 @@ def _query(request: web.Request, allowed: Collection[str] = ()) -> dict[str, str
     return {k: request.query[k] for k in allowed if k in request.query}
 
 
+def _wait_param(params: dict[str, str]) -> float:
+    text = params.get("wait", "0")
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= MAX_WAIT:
+        raise ApiProblem(
+            422, "ValidationFailed", f"wait: seconds from 0 to {MAX_WAIT:g}, not {text!r}", "wait"
+        )
+    return seconds
+
+
+def _phases_param(params: dict[str, str]) -> set[MachinePhase]:
+    phases = set()
+    for text in filter(None, params.get("unlessPhase", "").split(",")):
+        try:
+            phases.add(MachinePhase(text))
+        except ValueError:
+            known = ", ".join(MachinePhase)
+            raise ApiProblem(
+                422, "ValidationFailed", f"unlessPhase: {text!r} is none of {known}", "unlessPhase"
+            ) from None
+    return phases
+
+
+async def _first(*waits: Coroutine[Any, Any, object], timeout: float) -> None:
+    """Until one of `waits` is done or `timeout` passes; the others are cancelled."""
+    tasks = [asyncio.ensure_future(w) for w in waits]
+    try:
+        await asyncio.wait(tasks, timeout=max(timeout, 0.0), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
 def _bool_param(params: dict[str, str], key: str) -> bool | None:
     value = params.get(key)
     if value is None:
@@ -232,6 +270,9 @@ class ShimApp:
         self._reads = ThreadPoolExecutor(max_workers=4, thread_name_prefix="shim-read")
         self._tasks: list[asyncio.Task[None]] = []
         self.resumed = False
+        # Set (and dropped) when a machine's status changes: what waiting reads wait on.
+        self._changed: dict[str, asyncio.Event] = {}
+        self._closing = asyncio.Event()  # the server shuts down: waiting reads answer now
 
     async def work(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._work, partial(fn, *args))
@@ -260,13 +301,29 @@ class ShimApp:
         app.router.add_put(f"{v}/host/layers/{{name}}", self.put_host_layers)
         app.router.add_delete(f"{v}/host/layers/{{name}}", self.delete_host_layers)
         app.on_startup.append(self._start_background)
+        app.on_shutdown.append(self._shutdown)
         app.on_cleanup.append(self._stop_background)
         return app
 
     # --- background: resume half-done work, then check for drift -----------------------
 
     async def _start_background(self, app: web.Application) -> None:
+        loop = asyncio.get_running_loop()
+
+        def changed(name: str) -> None:  # called from the worker threads
+            with contextlib.suppress(RuntimeError):  # the loop closed: nobody waits any more
+                loop.call_soon_threadsafe(self._wake, name)
+
+        self.manager.on_change = changed
         self._tasks.append(asyncio.create_task(self._background()))
+
+    async def _shutdown(self, app: web.Application) -> None:
+        self._closing.set()
+
+    def _wake(self, name: str) -> None:
+        event = self._changed.pop(name, None)
+        if event is not None:
+            event.set()
 
     async def _background(self) -> None:
         try:
@@ -306,9 +363,30 @@ class ShimApp:
         return web.json_response(MachineList(items=items).wire())
 
     async def get_machine(self, request: web.Request) -> web.Response:
+        """The status; with ?wait=S&unlessPhase=A,B it is pushed: the reply comes once the
+        phase is none of those (at once if so already), or after S seconds as it is then (404
+        only if the machine is still unknown then). Drivers watch a PUT's progress this way."""
         name = _name(request)
-        _query(request)
-        return web.json_response((await self.read(self.manager.get, name)).wire())
+        params = _query(request, ("wait", "unlessPhase"))
+        wait, unless = _wait_param(params), _phases_param(params)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + wait
+        while True:
+            changed = self._changed.setdefault(name, asyncio.Event())  # before the read: no
+            try:  # change between the read and the wait is missed
+                status = await self.read(self.manager.get, name)
+            except NotFound:
+                if loop.time() >= deadline:
+                    raise
+            else:
+                if status.phase not in unless or loop.time() >= deadline or self._closing.is_set():
+                    return web.json_response(status.wire())
+            if request.transport is None or request.transport.is_closing():
+                raise web.HTTPNoContent()  # the caller has gone (its PUT answered first)
+            # Woken by the change, by shutdown, or each second to see if the caller is still there.
+            await _first(
+                changed.wait(), self._closing.wait(), timeout=min(deadline - loop.time(), 1.0)
+            )
 
     async def put_machine(self, request: web.Request) -> web.Response:
         name = _name(request)

@@ -93,6 +93,23 @@ def openapi_document() -> dict[str, Any]:
         "description": "true/false: keep the machine's data (default: the spec's keepDataOnDelete).",
         "schema": {"type": "string", "enum": ["true", "false"]},
     }
+    waiting = [
+        {
+            "name": "wait",
+            "in": "query",
+            "required": False,
+            "description": "seconds (at most 60) to wait for the phase to be none of unlessPhase; "
+            "the reply comes at that change, or when the time is up (default 0: at once).",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "unlessPhase",
+            "in": "query",
+            "required": False,
+            "description": "comma-separated phases to wait out (with wait).",
+            "schema": {"type": "string"},
+        },
+    ]
     machine, image = _name_param("machine"), _name_param("image")
     host_layers = _name_param("host profile")
     prefix = f"/{API_VERSION}"
@@ -109,7 +126,11 @@ def openapi_document() -> dict[str, Any]:
         },
         f"{prefix}/machines/{{name}}": {
             "parameters": [machine],
-            "get": {"summary": "One machine", "responses": ok(MachineStatus, "Its status.", "409")},
+            "get": {
+                "summary": "One machine (pushed at a phase change with wait)",
+                "parameters": waiting,
+                "responses": ok(MachineStatus, "Its status.", "409", "422"),
+            },
             "put": {
                 "summary": "Desired state; reconciled before the reply (idempotent)",
                 "requestBody": body(MachineSpec),

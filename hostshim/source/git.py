@@ -30,6 +30,7 @@ from bitbuilder.hostshim.errors import SourceError
 from bitbuilder.hostshim.paths import ImagePaths, TenantPaths
 from bitbuilder.hostshim.source import addresses, checkout, credentials, extrelease, signing
 from bitbuilder.hostshim.source.layout import Layout, load_layout
+from bitbuilder.hostshim.timing import phase
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -200,7 +201,8 @@ class GitSource:
         source: SourceSpec,
         os_release: extrelease.OsRelease | None,
     ) -> Checkout:
-        commit, forced_from = self._fetch(repo, source)
+        with phase(spec.name, "fetch (ls-remote, objects)"):
+            commit, forced_from = self._fetch(repo, source)
         if forced_from:
             log.warning(
                 "%s: %s was force-pushed from %s to %s (following the remote)",
@@ -212,10 +214,11 @@ class GitSource:
                 signature, payload = _local(lambda: _commit(repo, commit).gpg_signature)
                 signed = (signature, payload) if signature else None
                 signing.verify_commit(commit, signed, source.verify)
-            tree = self._checkout(repo, commit)
-            if os_release is None:
-                os_release = self._os_release(spec.image)
-            layout = load_layout(tree, spec, os_release=os_release)
+            with phase(spec.name, "checkout, layout"):
+                tree = self._checkout(repo, commit)
+                if os_release is None:
+                    os_release = self._os_release(spec.image)
+                layout = load_layout(tree, spec, os_release=os_release)
         except SourceError as exc:
             exc.revision = revision  # status names the refused revision
             raise

@@ -25,13 +25,20 @@ from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
 from tests.runner.conftest import Shim, make_shim
 
+# The isolation the runner gives a machine (runtime/nspawn.py), for a bare boot to compare with.
+SAME_ISOLATION = (
+    "--private-users=pick", "--private-users-ownership=auto", "--link-journal=no",
+    "--resolv-conf=off", "--timezone=off",
+)  # fmt: skip
 
-def bare_start(rootfs: Path, name: str) -> float:
+
+def bare_start(rootfs: Path, name: str, flags: tuple[str, ...] = ()) -> float:
     """Seconds from exec of plain nspawn to its init running (then powered off again)."""
     began = time.monotonic()
     proc = subprocess.Popen(
         ["systemd-nspawn", "--register=no", "--keep-unit", "-q", "--boot", "-D", str(rootfs),
-         "-M", name, "--private-network", "--console=read-only", "--kill-signal=SIGUSR2"],
+         "-M", name, "--private-network", "--console=read-only", "--kill-signal=SIGUSR2",
+         *flags],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     # polled every millisecond: the poll interval is part of what is measured

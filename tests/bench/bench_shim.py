@@ -3,14 +3,18 @@
     /opt/bb-venv/bin/python -m tests.bench.bench_shim [--tenants 50] [--repeat 5]
 
 Prints: a bare `systemd-nspawn` start of the busybox rootfs (start to exit of /bin/true, the
-floor), PUT -> Running for one tenant through the shim (first create with clone + checkout, an
-update to a new commit, and a no-change poll), and the time to bring up N tenants at once.
-Everything runs under a temp dir that is removed at the end, machines included.
+floor), a bare `systemd-nspawn --boot` with the runner's isolation flags (fresh copy: its first
+boot shifts uids, like a new tenant's), PUT -> Running for one tenant through the shim (first
+create with clone + checkout, an update to a new commit, and a no-change poll) with their
+ratio to the bare boot and the per-phase breakdown of one create and one update, and the time
+to bring up N tenants at once. Everything runs under a temp dir that is removed at the end,
+machines included.
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import statistics
 import subprocess
 import tempfile
@@ -20,6 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from tests.bench.bench_runner import SAME_ISOLATION, bare_start
+from tests.bench.phases import last_apply, parse, recording, table
 from tests.helpers.gitserve import TenantRepo
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.shim.conftest import RealShim, real_config
@@ -77,23 +83,37 @@ def main() -> None:
             "bare systemd-nspawn /bin/true",
             [timed(lambda: bare_nspawn(rootfs)) for _ in range(args.repeat)],
         )
+        boots = []
+        for i in range(args.repeat):
+            copy = tmp / f"bare-{i}"
+            shutil.copytree(rootfs, copy, symlinks=True)
+            boots.append(bare_start(copy, f"bb-bare-{i}", SAME_ISOLATION))
+        show("bare systemd-nspawn --boot, same isolation", boots)
 
         shim = RealShim(real_config(tmp, trusted_image_paths=(rootfs.parent,))).start()
         try:
             shim.client.request("PUT", "/v1/images/busybox", {"path": str(rootfs)})
             creates, updates, polls = [], [], []
-            for i in range(args.repeat):
-                repo = TenantRepo(tmp / "served", f"one-{i}.git")
-                repo.commit({"confext/base/etc/motd": "v1\n"})
-                body = spec(f"one-{i}", repo, args.network)
-                creates.append(timed(lambda b=body: put_running(shim, b)))  # type: ignore[misc]
-                repo.commit({"confext/base/etc/motd": "v2\n"})
-                updates.append(timed(lambda b=body: put_running(shim, b)))  # type: ignore[misc]
-                polls.append(timed(lambda b=body: put_running(shim, b)))  # type: ignore[misc]
-                shim.client.delete(body["name"])
+            with recording() as recorder:
+                for i in range(args.repeat):
+                    repo = TenantRepo(tmp / "served", f"one-{i}.git")
+                    repo.commit({"confext/base/etc/motd": "v1\n"})
+                    body = spec(f"one-{i}", repo, args.network)
+                    creates.append(timed(lambda b=body: put_running(shim, b)))  # type: ignore[misc]
+                    create = last_apply(parse(recorder.take(), body["name"]))
+                    repo.commit({"confext/base/etc/motd": "v2\n"})
+                    updates.append(timed(lambda b=body: put_running(shim, b)))  # type: ignore[misc]
+                    update = last_apply(parse(recorder.take(), body["name"]))
+                    polls.append(timed(lambda b=body: put_running(shim, b)))  # type: ignore[misc]
+                    shim.client.delete(body["name"])
             show("shim PUT -> Running (create: clone+checkout)", creates)
             show("shim PUT -> Running (update to a new commit)", updates)
             show("shim PUT, same spec and head (poll)", polls)
+            bare = statistics.median(boots)
+            print(f"ratio to the bare boot: create {statistics.median(creates) / bare:.1f}x, "
+                  f"update {statistics.median(updates) / bare:.1f}x (target <= 2x)")  # fmt: skip
+            print(table("one create, per phase (the last round):", create))
+            print(table("one update, per phase (the last round):", update))
 
             repo = TenantRepo(tmp / "served", "fleet.git")
             repo.commit({"confext/base/etc/motd": "fleet\n"})

@@ -8,7 +8,9 @@ Three ways a tenant learns about a commit, each measured from `git push` of the 
   request  the standalone equivalent of the reconcile-request annotation: the fleet commits
            `bitbuilder.io/reconcile-requested-at` on the Tenant (fleet polled every 500ms)
   webhook  a signed push webhook (tenant interval 1h, so only the webhook can explain it)
-Prints p50/p95/min/max per path. Everything runs under a temp dir that is removed at the end.
+Prints p50/p95/min/max per path, the shim's share of each (its apply, from its timing lines)
+and the per-phase breakdown of the last webhook update. Everything runs under a temp dir that
+is removed at the end.
 """
 
 from __future__ import annotations
@@ -20,11 +22,13 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from bitbuilder.operator.api import RECONCILE_REQUESTED_ANNOTATION
 from bitbuilder.operator.webhook import sign
+from tests.bench.phases import LogTail, Phases, last_apply, parse, table
 from tests.helpers.gitserve import git_daemon
 from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.standalone.conftest import WEBHOOK_SECRET, Host, motd, tenant_manifest
@@ -43,21 +47,47 @@ def manifests(host: Host, interval: str, annotation: str | None = None) -> dict[
     }
 
 
-def measure(host: Host, name: str, commits: int, after_push: Callable[[], None]) -> list[float]:
-    samples = []
+@dataclass
+class Samples:
+    """Commit pushed -> Running seen, each with the shim's apply in it and its phases."""
+
+    total: list[float] = field(default_factory=list)
+    shim: list[float] = field(default_factory=list)
+    last: Phases = field(default_factory=list)
+
+    def add(self, seconds: float, name: str, tail: LogTail) -> None:
+        self.total.append(seconds)
+        self.last = last_apply(parse(tail.read(), name))
+        if self.last:
+            self.shim.append(self.last[-1][1] / 1000)
+
+    def report(self, path: str) -> str:
+        shim = statistics.median(self.shim) if self.shim else float("nan")
+        return f"{report(path, self.total)}  shim apply p50={shim:5.2f}s"
+
+    def breakdown(self, title: str) -> str:
+        return table(title, self.last, self.total[-1] * 1000)
+
+
+def measure(
+    host: Host, name: str, commits: int, after_push: Callable[[], None], tail: LogTail
+) -> Samples:
+    """`commits` pushes to `name`'s repo, each until its revision is seen Running."""
+    samples = Samples()
+    tail.read()
     for i in range(commits):
         started = time.perf_counter()
         commit = host.repos[name].commit(motd(f"{name} {i}"), f"change {i}")
         after_push()
         host.wait_applied(name, commit, timeout=120, interval=0.01)
-        samples.append(time.perf_counter() - started)
+        samples.add(time.perf_counter() - started, name, tail)
     return samples
 
 
-def post_webhook(host: Host) -> None:
+def post_webhook(host: Host, port: int | None = None) -> None:
     body = json.dumps({"repository": {"clone_url": host.url("webhook")}}).encode()
     request = urllib.request.Request(
-        f"http://127.0.0.1:{host.webhook_port}/hook",
+        f"http://127.0.0.1:{port or host.webhook_port}/hook",
         data=body,
         headers={"X-Hub-Signature-256": "sha256=" + sign(WEBHOOK_SECRET, body)},
         method="POST",
@@ -88,7 +118,8 @@ def main() -> None:
         with git_daemon(root / "git") as server:
             host = Host(root, server, rootfs)
             try:
-                host.start_shim()
+                host.start_shim("--log-level", "DEBUG")
+                tail = LogTail(host.procs.logs / "hostshim.log")
                 firsts = {
                     n: host.tenant_repo(n, f"{n} start").head()
                     for n in ("poll", "request", "webhook")
@@ -103,16 +134,19 @@ def main() -> None:
                     host.commit_fleet(manifests(host, args.interval, stamp))
 
                 results = {
-                    "poll": measure(host, "poll", args.commits, lambda: None),
-                    "request": measure(host, "request", args.commits, request),
-                    "webhook": measure(host, "webhook", args.commits, lambda: post_webhook(host)),
+                    "poll": measure(host, "poll", args.commits, lambda: None, tail),
+                    "request": measure(host, "request", args.commits, request, tail),
+                    "webhook": measure(
+                        host, "webhook", args.commits, lambda: post_webhook(host), tail
+                    ),
                 }
                 fleet_seconds = add_tenants(host, args.tenants, manifests(host, args.interval))
             finally:
                 host.teardown()
     print(f"commit pushed -> new revision Running (standalone; poll interval {args.interval})")
     for path, samples in results.items():
-        print(report(path, samples))
+        print(samples.report(path))
+    print(results["webhook"].breakdown("the last webhook update, per phase:"))
     print(f"fleet push adding {args.tenants} tenants -> all Running: {fleet_seconds:.1f}s")
 
 

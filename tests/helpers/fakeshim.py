@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -147,6 +148,15 @@ def _app(fake: FakeShim) -> web.Application:
     async def get_machine(request: web.Request) -> web.Response:
         name = request.match_info["name"]
         fake.requests.append(("GET", name))
+        # ?wait=S&unlessPhase=A,B as the shim answers it (by polling: a fake can afford it)
+        unless = set(filter(None, request.query.get("unlessPhase", "").split(",")))
+        deadline = time.monotonic() + float(request.query.get("wait", "0"))
+        while time.monotonic() < deadline and (
+            name not in fake.machines or fake.machines[name].phase in unless
+        ):
+            if request.transport is None or request.transport.is_closing():
+                return web.Response(status=204)  # the caller has gone
+            await asyncio.sleep(0.01)
         if name not in fake.machines:
             return _json(ApiError(error="NotFound", message=f"no machine {name}"), 404)
         return _json(fake.machines[name])

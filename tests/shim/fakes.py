@@ -1,6 +1,6 @@
 """In-memory stand-ins for the git source, the runner and the image store (fast API tests).
 
-They satisfy the manager's protocols (SourceLike, RunnerLike, ImagesLike in hostshim/machine/manager.py)
+They satisfy the manager's protocols (SourceLike, RunnerLike, ImagesLike in hostshim/machine/parts.py)
 and record calls so tests can assert what the manager did — and did not — do.
 """
 

@@ -301,3 +301,51 @@ def test_delete_never_removes_through_a_mount(fake_shim: FakeShim) -> None:
         subprocess.run(["umount", str(stuck)], check=True)
     assert fake_shim.client.delete("web").status == 200  # the delete resumes once it can
     assert not stuck.parent.exists()
+
+
+def test_a_waiting_read_answers_when_the_phase_changes(fake_shim: FakeShim) -> None:
+    assert status(fake_shim.client.put(machine_spec()).body).phase == "Running"
+    gate, entered = threading.Event(), threading.Event()
+    real_start = fake_shim.runner.start
+
+    def slow_start(spec: MachineSpec, checkout: Checkout | None) -> FakeMachine:
+        entered.set()
+        gate.wait(30)
+        return real_start(spec, checkout)
+
+    fake_shim.runner.start = slow_start  # type: ignore[method-assign]
+    fake_shim.remote.push(REPO_URL, "main", "c2")
+    watched: list[object] = []
+    watcher = threading.Thread(
+        target=lambda: watched.append(
+            fake_shim.client.request("GET", "/v1/machines/web?wait=30&unlessPhase=Running")
+        )
+    )
+    watcher.start()
+    update = threading.Thread(target=lambda: fake_shim.client.put(machine_spec()))
+    update.start()
+    try:
+        assert entered.wait(30)
+        watcher.join(30)
+        assert watched, "the waiting read did not answer while the update ran"
+        reply = watched[0]
+        assert reply.status == 200 and reply.body["phase"] == "Updating"  # type: ignore[attr-defined]
+    finally:
+        gate.set()
+        update.join(30)
+    # Not waiting when the phase is already another; the time up answers the phase as it is.
+    assert fake_shim.client.request("GET", "/v1/machines/web?wait=30").body["phase"] == "Running"
+    late = fake_shim.client.request("GET", "/v1/machines/web?wait=0.2&unlessPhase=Running")
+    assert late.status == 200 and late.body["phase"] == "Running"
+    assert fake_shim.client.request("GET", "/v1/machines/nope?wait=0.2").status == 404
+
+
+def test_waiting_read_parameters_are_checked(fake_shim: FakeShim) -> None:
+    fake_shim.client.put(machine_spec())
+    for query, field in (
+        ("wait=999", "wait"),
+        ("wait=soon", "wait"),
+        ("unlessPhase=Asleep", "unlessPhase"),
+    ):
+        reply = fake_shim.client.request("GET", f"/v1/machines/web?{query}")
+        assert reply.status == 422 and reply.body["field"] == field, query

@@ -68,13 +68,13 @@ class Host:
 
     # --- shim ---------------------------------------------------------------------------------
 
-    def start_shim(self) -> None:
+    def start_shim(self, *flags: str) -> None:
         self.procs.start(
             "hostshim",
             [str(BIN / "bitbuilder-hostshim"), "--state-dir", str(self.root / "shim"),
              "--runtime-dir", str(self.root / "run"), "--socket", str(self.socket),
              "--trusted-image-path", str(self.root / "images"), "--executor", "direct",
-             "--drift-interval", "0", "--allow-source-network", "127.0.0.1/32"],
+             "--drift-interval", "0", "--allow-source-network", "127.0.0.1/32", *flags],
         )  # fmt: skip
         wait_for(lambda: self.call(lambda c: c.healthy()), timeout=30, what="the shim")
         self.call(

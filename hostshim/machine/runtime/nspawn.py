@@ -238,6 +238,33 @@ def accepts(pid: int, signo: int) -> bool:
     return bool(taken >> (signo - 1) & 1) or "sigtimedwait" in waiting
 
 
+def _all_ended(pid: int) -> bool:
+    """Every descendant of `pid` has exited (zombies not reaped yet count as ended)."""
+    for child in _children(pid):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[0]
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        if state not in ("Z", "X") or not _all_ended(child):
+            return False
+    return True
+
+
+def shut_down(leader: int) -> bool:
+    """A busybox-style init past its poweroff work: its handlers reset (it took the signal),
+    the shutdown actions done, SIGTERM sent to all and all ended; what it does next is sleep
+    1 s before its SIGKILL to all and 1 s before the poweroff, with nothing left to wait for.
+    True too once it is gone."""
+    try:
+        status = Path(f"/proc/{leader}/status").read_text()
+        waiting = Path(f"/proc/{leader}/wchan").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    masks = dict(line.split(":\t", 1) for line in status.splitlines() if line.startswith("Sig"))
+    handled = int(masks["SigCgt"], 16) | int(masks["SigBlk"], 16)
+    return handled == 0 and "nanosleep" in waiting and _all_ended(leader)
+
+
 def init_ready(nspawn_pid: int, init: InitKind) -> int | None:
     """The machine's init once it has exec'd and can be powered off, else None."""
     leader = find_leader(nspawn_pid)
