@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TextIO
 
 from bitbuilder.hostshim.api import parse_quantity
+from bitbuilder.hostshim.capabilities.report import host_report
 from bitbuilder.hostshim.config import (
     DEFAULT_RUNTIME_DIR,
     DEFAULT_SOCKET,
@@ -143,6 +144,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(0: never; default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
+        "--check", action="store_true",
+        help="print what this host can run (nspawn, vmspawn, KVM, ...) and exit: 0 when "
+        "containers can run",
+    )  # fmt: skip
+    parser.add_argument(
+        "-o", "--output", choices=("text", "json"), default="text",
+        help="--check's format (default: %(default)s)",
+    )  # fmt: skip
+    parser.add_argument(
         "--log-level",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
@@ -210,8 +220,16 @@ async def _run(
     log.info("stopped serving; machines keep running")
 
 
+def check(output: str) -> int:
+    report = host_report()
+    print(report.json_text() if output == "json" else report.text())
+    return 0 if report.containers_ok else 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.check:
+        return check(args.output)
     activated = listen_socket()  # first: no child may inherit the activation variables
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

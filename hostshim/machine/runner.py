@@ -25,6 +25,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bitbuilder.hostshim.api import MachineSpec, NetworkMode, Runtime
+from bitbuilder.hostshim.capabilities.report import runtime_refusal
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
 from bitbuilder.hostshim.images.store import ImageStore
@@ -104,9 +105,14 @@ def _left_over(paths: TenantPaths) -> bool:
 
 def check_spec(spec: MachineSpec) -> None:
     """Refuse what this runner can never start: called before a running machine is stopped."""
+    refusal = runtime_refusal(spec.runtime)
+    if refusal is not None:
+        raise MachineError(
+            f"runtime {spec.runtime} cannot run on this host: {refusal}", reason="Unsupported"
+        )
     if spec.runtime is not Runtime.nspawn:
         raise MachineError(
-            f"runtime {spec.runtime} is not supported on this host (nspawn only)",
+            f"runtime {spec.runtime} is not supported by this shim yet (nspawn only)",
             reason="Unsupported",
         )
     if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
