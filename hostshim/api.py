@@ -451,32 +451,66 @@ class MachineList(WireModel):
 # --- images ----------------------------------------------------------------------------------
 
 
+class ImageVerify(StrEnum):
+    checksum = "checksum"
+    signature = "signature"
+
+
+class ImageType(StrEnum):
+    directory = "directory"
+    raw = "raw"
+
+
 class ImageSpec(WireModel):
-    """Where a base image comes from. A tarball or URL must match its sha256."""
+    """Where a base image comes from, and how it is verified before anything is unpacked.
+
+    A URL names a tarball (a root filesystem: .tar, .tar.gz, .tar.xz, .tar.zst) or a raw disk
+    image (.raw or .img: a GPT disk for VMs). A path names a directory or a raw image under one
+    of the shim's trusted image paths.
+    """
 
     url: Annotated[str, StringConstraints(max_length=2048)] | None = Field(
-        None, description="http(s):// or file:// of a .tar/.tar.gz/.tar.zst root filesystem."
+        None, description="http(s):// or file:// of a tarball or a raw disk image (.raw, .img)."
     )
     path: Annotated[str, StringConstraints(max_length=1024)] | None = Field(
-        None, description="A directory under one of the shim's trusted image paths."
+        None,
+        description="A directory or a raw disk image under one of the shim's trusted image paths.",
     )
-    sha256: Sha256Hex | None = None
+    sha256: Sha256Hex | None = Field(None, description="The file's sha256 (checksum).")
+    verify: ImageVerify | None = Field(
+        None,
+        description="checksum (the default for a url): the file must match sha256. signature: "
+        "SHA256SUMS beside the url must be signed (SHA256SUMS.gpg) by a key the host trusts "
+        "and list the file with its sha256 (as systemd-importd's --verify=signature).",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ImageSpec:
         if (self.url is None) == (self.path is None):
             raise ValueError("an image needs exactly one of url or path")
-        if self.url is not None and self.sha256 is None:
-            raise ValueError("an image url needs its sha256")
+        if self.verify is ImageVerify.signature:
+            if self.url is None:
+                raise ValueError("verify: signature needs a url (SHA256SUMS is fetched beside it)")
+        elif self.url is not None and self.sha256 is None:
+            raise ValueError("an image url needs its sha256, or verify: signature")
         return self
 
 
 class ImageStatus(WireModel):
     name: DnsLabel
+    type: ImageType = ImageType.directory
     sha256: str | None = None
     size_bytes: int
     imported_at: datetime
     source: str
+    verification: str | None = Field(
+        None,
+        description="How it was verified: sha256, signature (with the key's fingerprint) or "
+        "trusted-path.",
+    )
+    used_by: list[DnsLabel] = Field(
+        default_factory=list, description="Tenants whose desired or running spec names it."
+    )
 
 
 class ImageList(WireModel):

@@ -22,6 +22,8 @@ class ShimConfig:
     allowed_gids: frozenset[int] = frozenset()
     # Where `PUT /v1/images/{name}` may take a directory or file:// tarball from.
     trusted_image_paths: tuple[Path, ...] = ()
+    # OpenPGP public key files whose signature on SHA256SUMS an image with verify: signature needs.
+    trusted_image_keys: tuple[Path, ...] = ()
     # file:// tenant repos are only allowed under these roots (none by default: a tenant must
     # not read the host's own repositories).
     file_source_roots: tuple[Path, ...] = ()

@@ -108,6 +108,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="directory that PUT /v1/images may import from (repeatable)",
     )  # fmt: skip
     parser.add_argument(
+        "--trusted-image-key", type=Path, action="append", default=[], metavar="FILE",
+        help="OpenPGP public key trusted to sign images' SHA256SUMS (repeatable)",
+    )  # fmt: skip
+    parser.add_argument(
         "--file-source-root", type=Path, action="append", default=[], metavar="DIR",
         help="root under which file:// tenant repos are allowed (repeatable)",
     )  # fmt: skip
@@ -169,6 +173,7 @@ def config_from(args: argparse.Namespace) -> ShimConfig:
         allowed_uids=frozenset(args.allow_uid or [0]),
         allowed_gids=frozenset(args.allow_gid),
         trusted_image_paths=tuple(p.absolute() for p in args.trusted_image_path),
+        trusted_image_keys=tuple(p.absolute() for p in args.trusted_image_key),
         file_source_roots=tuple(p.absolute() for p in args.file_source_root),
         source_networks=tuple(args.allow_source_network),
         host_port_range=args.host_port_range,

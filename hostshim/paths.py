@@ -98,5 +98,10 @@ class ImagePaths(_NamedPaths):
         return self.root / "rootfs"
 
     @property
+    def raw(self) -> Path:
+        """A raw disk image (GPT), for VMs: an image has either this or rootfs."""
+        return self.root / "image.raw"
+
+    @property
     def meta(self) -> Path:
         return self.root / "image.json"

@@ -1,8 +1,10 @@
 """Base images: root filesystem trees imported once, stored under ImagePaths, never modified.
 
-Sources: a directory under a trusted image path (copied, symlinks kept as symlinks), or a
-tarball from file:// (under a trusted path) or http(s):// whose sha256 must match before a
-single member is unpacked. Unpacking refuses traversal ('..', absolute names, links that leave
+Sources: a directory or a raw GPT disk image under a trusted image path (copied, symlinks kept
+as symlinks), or a tarball or raw image from file:// (under a trusted path) or http(s)://,
+verified before a single byte is unpacked or kept: its sha256, or SHA256SUMS signed by a key
+the host trusts (images/verify.py). Everything happens in a staging folder renamed into place
+at the end, so a refused or failed import leaves nothing behind. Unpacking refuses traversal ('..', absolute names, links that leave
 the tree, members below a symlink) and skips device nodes and fifos (nspawn brings /dev).
 """
 
@@ -19,15 +21,18 @@ import tarfile
 import threading
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import unquote, urljoin, urlsplit
 
-from bitbuilder.hostshim.api import ImageSpec, ImageStatus
+from bitbuilder.hostshim.api import ImageSpec, ImageStatus, ImageType, ImageVerify
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import ImageError
+from bitbuilder.hostshim.images.raw import check_gpt, is_raw_name
+from bitbuilder.hostshim.images.verify import SIGNATURE, SUMS, check_sha256, signed_digest
 from bitbuilder.hostshim.paths import ImagePaths, checked_name
 
 MAX_DOWNLOAD_BYTES = 16 << 30
@@ -44,8 +49,22 @@ def _not_allowed(what: str) -> ImageError:
     )
 
 
+def _busy(name: str) -> ImageError:
+    return ImageError(
+        f"image {name!r} is the root of running machines: stop them first", reason="ImageInUse"
+    )
+
+
 def _invalid(message: str) -> ImageError:
     return ImageError(message, reason="ImageInvalid")
+
+
+@dataclass(frozen=True)
+class _Filled:
+    type: ImageType
+    sha256: str | None
+    source: str
+    verification: str
 
 
 def _spec_key(spec: ImageSpec) -> str:
@@ -70,8 +89,24 @@ class ImageStore:
         return [self.get(n) for n in names if ImagePaths(self.config, n).meta.is_file()]
 
     def rootfs(self, name: str) -> Path:
-        self._meta(name)
+        """The root filesystem of a directory image (what nspawn boots)."""
+        if self.get(name).type is not ImageType.directory:
+            raise ImageError(
+                f"image {name!r} is a raw disk image: containers need a directory or tarball image",
+                reason="ImageTypeUnsupported",
+            )
         return ImagePaths(self.config, name).rootfs
+
+    def delete(self, name: str) -> None:
+        """Remove an imported image; refused while a machine's root is mounted over it."""
+        with self._lock:
+            self._meta(name)
+            paths = ImagePaths(self.config, name)
+            if _in_use(paths.rootfs):
+                raise _busy(name)
+            retired = self.root / f".retired-{name}-{os.getpid()}"
+            paths.root.rename(retired)
+            shutil.rmtree(retired)
 
     def _meta(self, name: str) -> dict[str, object]:
         try:
@@ -98,14 +133,16 @@ class ImageStore:
             staging = self.root / f".staging-{name}-{os.getpid()}-{threading.get_ident()}"
             shutil.rmtree(staging, ignore_errors=True)
             try:
-                (staging / "rootfs").mkdir(parents=True)
-                sha, source = self._fill(spec, staging / "rootfs")
+                staging.mkdir()
+                filled = self._fill(spec, staging)
                 status = ImageStatus(
                     name=name,
-                    sha256=sha,
-                    size_bytes=_tree_size(staging / "rootfs"),
+                    type=filled.type,
+                    sha256=filled.sha256,
+                    size_bytes=_tree_size(staging),
                     imported_at=datetime.now(UTC),
-                    source=source,
+                    source=filled.source,
+                    verification=filled.verification,
                 )
                 meta = {"status": status.wire(), "specKey": _spec_key(spec)}
                 (staging / "image.json").write_text(json.dumps(meta, indent=2))
@@ -129,35 +166,85 @@ class ImageStore:
     def _swap_in(self, name: str, staging: Path) -> None:
         final = ImagePaths(self.config, name).root
         if _in_use(ImagePaths(self.config, name).rootfs):
-            raise ImageError(
-                f"image {name!r} is the root of running machines: stop them to replace it",
-                reason="ImageInUse",
-            )
+            raise _busy(name)
         retired = self.root / f".retired-{name}-{os.getpid()}"
         if final.exists():
             final.rename(retired)
         staging.rename(final)
         shutil.rmtree(retired, ignore_errors=True)
 
-    def _fill(self, spec: ImageSpec, dest: Path) -> tuple[str | None, str]:
+    def _fill(self, spec: ImageSpec, staging: Path) -> _Filled:
+        """Put the verified image into `staging` (rootfs/ or image.raw)."""
         if spec.path is not None:
+            return self._fill_from_path(spec, staging)
+        assert spec.url is not None
+        raw = is_raw_name(urlsplit(spec.url).path)
+        expected, verification = spec.sha256, "sha256"
+        if spec.verify is ImageVerify.signature:
+            expected, verification = self._signed_digest(spec.url, spec.sha256)
+        assert expected is not None
+        with self._download(spec.url) as download:
+            check_sha256(download, expected, spec.url)
+            if raw:
+                check_gpt(download, spec.url)
+                _copy_file(download, staging / "image.raw")
+            else:
+                (staging / "rootfs").mkdir()
+                unpack_tarball(download, staging / "rootfs")
+        kind = ImageType.raw if raw else ImageType.directory
+        return _Filled(kind, expected, spec.url, verification)
+
+    def _fill_from_path(self, spec: ImageSpec, staging: Path) -> _Filled:
+        source = self._trusted(Path(spec.path or ""), spec.path or "")
+        if source.is_dir():
             if spec.sha256 is not None:
-                raise _invalid("sha256 applies to tarballs (url); a directory image has none")
-            source = self._trusted(Path(spec.path), spec.path)
-            if not source.is_dir():
-                raise _invalid(f"image path {spec.path!r} is not a directory")
-            _copy_tree(source, dest)
-            return None, str(source)
-        assert spec.url is not None and spec.sha256 is not None
-        with self._download(spec.url) as tarball:
-            actual = _sha256_file(tarball)
-            if actual != spec.sha256:
-                raise ImageError(
-                    f"image {spec.url!r} has sha256 {actual}, expected {spec.sha256}",
-                    reason="ImageDigestMismatch",
+                raise _invalid(
+                    "sha256 applies to files (tarballs, raw images); a directory has none"
                 )
-            unpack_tarball(tarball, dest)
-        return spec.sha256, spec.url
+            (staging / "rootfs").mkdir()
+            _copy_tree(source, staging / "rootfs")
+            return _Filled(ImageType.directory, None, str(source), "trusted-path")
+        if not source.is_file() or not is_raw_name(source.name):
+            raise _invalid(
+                f"image path {spec.path!r} is neither a directory nor a raw image (.raw, .img)"
+            )
+        if spec.sha256 is not None:
+            check_sha256(source, spec.sha256, str(source))
+        check_gpt(source, str(source))
+        _copy_file(source, staging / "image.raw")
+        verification = "sha256" if spec.sha256 is not None else "trusted-path"
+        return _Filled(ImageType.raw, spec.sha256, str(source), verification)
+
+    def _signed_digest(self, url: str, sha256: str | None) -> tuple[str, str]:
+        """The sha256 the signed SHA256SUMS beside `url` lists for it, and how it was verified."""
+        keys = tuple(self._read_key(p) for p in self.config.trusted_image_keys)
+        fetched: dict[str, Path] = {}
+        with ExitStack() as stack:
+            for name, reason in (
+                (SUMS, "ImageChecksumsMissing"),
+                (SIGNATURE, "ImageSignatureMissing"),
+            ):
+                try:
+                    fetched[name] = stack.enter_context(self._download(urljoin(url, name), name))
+                except ImageError as exc:
+                    raise ImageError(f"{name} for {url!r}: {exc.message}", reason=reason) from exc
+            filename = unquote(PurePosixPath(urlsplit(url).path).name)
+            listed, fingerprint = signed_digest(fetched[SUMS], fetched[SIGNATURE], keys, filename)
+        if sha256 is not None and sha256 != listed:
+            raise ImageError(
+                f"{SUMS} lists sha256 {listed} for {filename!r}, the spec says {sha256}",
+                reason="ImageDigestMismatch",
+            )
+        return listed, f"signature {fingerprint}"
+
+    @staticmethod
+    def _read_key(path: Path) -> str:
+        try:
+            return path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ImageError(
+                f"trusted image key {str(path)!r} cannot be read: {exc}", reason="ImageKeyInvalid"
+            ) from exc
 
     def _trusted(self, candidate: Path, shown: str) -> Path:
         """`candidate` resolved (symlinks in the path itself followed) inside a trusted root."""
@@ -170,19 +257,19 @@ class ImageStore:
         raise _not_allowed(repr(shown))
 
     @contextmanager
-    def _download(self, url: str) -> Iterator[Path]:
+    def _download(self, url: str, tag: str = "image") -> Iterator[Path]:
         parts = urlsplit(url)
         if parts.scheme == "file":
             if parts.netloc not in ("", "localhost"):
                 raise _invalid(f"file URL {url!r} must name a local path")
             path = self._trusted(Path(unquote(parts.path)), url)
             if not path.is_file():
-                raise _invalid(f"image tarball {url!r} does not exist")
+                raise _invalid(f"{url!r} does not exist")
             yield path
             return
         if parts.scheme not in ("http", "https"):
             raise _invalid(f"image url scheme {parts.scheme!r}: use http, https or file")
-        target = self.root / f".download-{os.getpid()}-{threading.get_ident()}"
+        target = self.root / f".download-{tag}-{os.getpid()}-{threading.get_ident()}"
         try:
             with urllib.request.urlopen(url, timeout=60) as response, target.open("wb") as out:
                 _copy_limited(response, out)
@@ -209,20 +296,23 @@ def _copy_limited(src: IO[bytes], dst: IO[bytes]) -> None:
         dst.write(chunk)
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _tree_size(root: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(root):
         for f in files:
             total += os.lstat(os.path.join(dirpath, f)).st_size
     return total
+
+
+def _copy_file(source: Path, dest: Path) -> None:
+    """A raw image copied sparse (holes stay holes), never through a symlink at `source`."""
+    result = subprocess.run(
+        ["cp", "--sparse=always", "--no-dereference", "--", str(source), str(dest)],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise _invalid(f"cannot copy raw image: {result.stderr.strip()[:500]}")
 
 
 def _copy_tree(source: Path, dest: Path) -> None:

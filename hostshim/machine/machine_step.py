@@ -16,7 +16,7 @@ from contextlib import AbstractContextManager
 from bitbuilder.hostshim.api import MachinePhase
 from bitbuilder.hostshim.errors import ShimError
 from bitbuilder.hostshim.machine.parts import Clock, ImagesLike, MachineInfo, RunnerLike, error_info
-from bitbuilder.hostshim.machine.runner import check_spec
+from bitbuilder.hostshim.machine.runner import check_image, check_spec
 from bitbuilder.hostshim.machine.source_step import SourceStep
 from bitbuilder.hostshim.source.git import Checkout
 from bitbuilder.hostshim.state.store import AppliedState, TenantState, machine_hash, spec_hash
@@ -123,7 +123,7 @@ class MachineStep:
         revision = checkout.revision if checkout else None
         try:  # a start bound to fail must not stop what runs
             check_spec(state.desired)
-            self.images.get(state.desired.image)
+            check_image(state.desired, self.images.get(state.desired.image))
         except ShimError as exc:
             state.machine_error = error_info(exc, self._now(), revision)
             state.failed_target = target

@@ -417,13 +417,35 @@ class MachineManager:
     # --- images ----------------------------------------------------------------------------
 
     def put_image(self, name: str, spec: ImageSpec) -> ImageStatus:
-        return self.images.put(checked_name(name), spec)
+        return self._with_users(self.images.put(checked_name(name), spec))
 
     def get_image(self, name: str) -> ImageStatus:
-        return self.images.get(checked_name(name))
+        return self._with_users(self.images.get(checked_name(name)))
 
     def list_images(self) -> list[ImageStatus]:
-        return self.images.list()
+        return [self._with_users(image) for image in self.images.list()]
+
+    def delete_image(self, name: str) -> None:
+        """Remove an image no tenant names in its desired or applied spec."""
+        users = self._image_users(checked_name(name))
+        if users:
+            raise Conflict(
+                f"image {name!r} is used by {', '.join(users)}: change or delete them first",
+                reason="ImageInUse",
+            )
+        self.images.delete(name)
+
+    def _image_users(self, image: str) -> list[str]:
+        with self._states_guard:
+            states = list(self._states.values())
+        return [
+            s.name
+            for s in states
+            if s.desired.image == image or (s.applied is not None and s.applied.spec.image == image)
+        ]
+
+    def _with_users(self, status: ImageStatus) -> ImageStatus:
+        return status.model_copy(update={"used_by": self._image_users(status.name)})
 
     # --- helpers ---------------------------------------------------------------------------
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bitbuilder.hostshim.api import MachineSpec, NetworkMode, Runtime
+from bitbuilder.hostshim.api import ImageStatus, ImageType, MachineSpec, NetworkMode, Runtime
 from bitbuilder.hostshim.capabilities.report import runtime_refusal
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
@@ -118,6 +118,16 @@ def check_spec(spec: MachineSpec) -> None:
     if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
         raise MachineError("port forwards need network mode isolated", reason="InvalidSpec")
     check_user_namespaces()
+
+
+def check_image(spec: MachineSpec, image: ImageStatus) -> None:
+    """Refuse an image the spec's runtime cannot boot: called before a running machine stops."""
+    if spec.runtime is Runtime.nspawn and image.type is not ImageType.directory:
+        raise MachineError(
+            f"image {image.name!r} is a raw disk image: runtime nspawn needs a directory or "
+            "tarball image (raw images are for vmspawn)",
+            reason="ImageTypeUnsupported",
+        )
 
 
 class Runner:

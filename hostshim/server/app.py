@@ -300,6 +300,7 @@ class ShimApp:
         app.router.add_get(f"{v}/host/layers/{{name}}", self.get_host_layers)
         app.router.add_put(f"{v}/host/layers/{{name}}", self.put_host_layers)
         app.router.add_delete(f"{v}/host/layers/{{name}}", self.delete_host_layers)
+        app.router.add_delete(f"{v}/images/{{name}}", self.delete_image)
         app.on_startup.append(self._start_background)
         app.on_shutdown.append(self._shutdown)
         app.on_cleanup.append(self._stop_background)
@@ -458,6 +459,12 @@ class ShimApp:
         name = _name(request)
         _query(request)
         await self.work(self.host.delete, name)
+        return web.json_response({"deleted": name})
+
+    async def delete_image(self, request: web.Request) -> web.Response:
+        name = _name(request)
+        _query(request)
+        await self.work(self.manager.delete_image, name)
         return web.json_response({"deleted": name})
 
 

@@ -160,9 +160,13 @@ def openapi_document() -> dict[str, Any]:
             "parameters": [image],
             "get": {"summary": "One image", "responses": ok(ImageStatus, "The image.")},
             "put": {
-                "summary": "Import a base image (idempotent, sha256-verified)",
+                "summary": "Import a base image (idempotent; sha256- or signature-verified)",
                 "requestBody": body(ImageSpec),
                 "responses": ok(ImageStatus, "The imported image.", *writes),
+            },
+            "delete": {
+                "summary": "Remove an image no tenant uses",
+                "responses": ok(None, "Removed.", "409"),
             },
         },
         f"{prefix}/host/layers": {

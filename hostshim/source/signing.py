@@ -18,6 +18,7 @@ from pathlib import Path
 
 from bitbuilder.hostshim.api import VerifySpec
 from bitbuilder.hostshim.errors import SourceError
+from bitbuilder.hostshim.openpgp import OpenPgpError, run_tool, verify_detached
 
 SSH_SIG = b"-----BEGIN SSH SIGNATURE-----"
 PGP_SIG = b"-----BEGIN PGP SIGNATURE-----"
@@ -53,15 +54,9 @@ def verify_commit(commit: str, signed: tuple[bytes, bytes] | None, spec: VerifyS
 
 def _run(argv: list[str], stdin: bytes = b"") -> subprocess.CompletedProcess[str]:
     try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, timeout=TOOL_TIMEOUT)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise Unverified(f"could not run {argv[0]}: {exc}") from exc
-    return subprocess.CompletedProcess(
-        argv,
-        proc.returncode,
-        proc.stdout.decode(errors="replace"),
-        proc.stderr.decode(errors="replace"),
-    )
+        return run_tool(argv, stdin)
+    except OpenPgpError as exc:
+        raise Unverified(exc.message) from exc
 
 
 # --- SSH -------------------------------------------------------------------------------------
@@ -110,50 +105,11 @@ def _verify_ssh(signature: bytes, payload: bytes, keys: tuple[str, ...]) -> str:
 # --- OpenPGP ---------------------------------------------------------------------------------
 
 
-def _gpg(home: str, *args: str) -> list[str]:
-    return ["gpg", "--homedir", home, "--batch", "--no-tty", "--no-autostart", *args]
-
-
 @functools.lru_cache(maxsize=256)
 def _verify_gpg(signature: bytes, payload: bytes, keys: tuple[str, ...]) -> str:
     if not keys:
         raise Unverified("is OpenPGP-signed but no OpenPGP keys are trusted")
-    # gpg's sockets live in the home dir: keep its path short.
-    with tempfile.TemporaryDirectory(prefix="bbgpg") as home:
-        trusted = _import_keys(home, keys)
-        sig, data = Path(home, "sig.asc"), Path(home, "payload")
-        sig.write_bytes(signature)
-        data.write_bytes(payload)
-        proc = _run(_gpg(home, "--status-fd", "1", "--verify", str(sig), str(data)))
-    status = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("[GNUPG:]")]
-    words = {fields[0]: fields[1:] for fields in status if fields}
-    if "BADSIG" in words:
-        raise Unverified("bad OpenPGP signature (does not match the commit)")
-    for bad in ("EXPKEYSIG", "REVKEYSIG", "EXPSIG"):
-        if bad in words:
-            raise Unverified(f"OpenPGP signature rejected ({bad})")
-    valid = words.get("VALIDSIG")
-    if "GOODSIG" not in words or not valid or proc.returncode != 0:
-        keyid = (words.get("ERRSIG") or words.get("NO_PUBKEY") or ["unknown"])[0]
-        raise Unverified(f"signed by untrusted OpenPGP key {keyid}")
-    primary = valid[-1].upper()
-    if primary not in trusted:
-        raise Unverified(f"signed by untrusted OpenPGP key {primary}")
-    return f"openpgp key {primary}"
-
-
-def _import_keys(home: str, keys: tuple[str, ...]) -> set[str]:
-    """Import each trusted key; return the primary fingerprints gpg now holds."""
-    for i, key in enumerate(keys, 1):
-        proc = _run(_gpg(home, "--import"), key.encode())
-        if proc.returncode != 0:
-            raise Unverified(f"trusted OpenPGP key #{i} could not be imported")
-    listing = _run(_gpg(home, "--with-colons", "--fixed-list-mode", "--list-keys"))
-    fingerprints, last = set(), ""
-    for line in listing.stdout.splitlines():
-        fields = line.split(":")
-        if fields[0] in ("pub", "sub"):
-            last = fields[0]
-        elif fields[0] == "fpr" and last == "pub":
-            fingerprints.add(fields[9].upper())
-    return fingerprints
+    try:
+        return f"openpgp key {verify_detached(signature, payload, keys, 'the commit')}"
+    except OpenPgpError as exc:
+        raise Unverified(exc.message) from None

@@ -162,3 +162,7 @@ class FakeImages:
 
     def list(self) -> list[ImageStatus]:
         return list(self.images.values())
+
+    def delete(self, name: str) -> None:
+        self.get(name)
+        del self.images[name]

@@ -15,6 +15,7 @@ ROUTES = {
     ("get", "/v1/images"), ("get", "/v1/images/{name}"), ("put", "/v1/images/{name}"),
     ("get", "/v1/host/layers"), ("get", "/v1/host/layers/{name}"),
     ("put", "/v1/host/layers/{name}"), ("delete", "/v1/host/layers/{name}"),
+    ("delete", "/v1/images/{name}"),
 }  # fmt: skip
 
 
