@@ -28,7 +28,7 @@ import sysconfig
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,17 +79,49 @@ def _cgroup2_root() -> Path:
 CGROUP2_ROOT = _cgroup2_root()
 
 
-def cache_key() -> str:
-    inputs = {"suite": SUITE, "packages": PACKAGES, "version": SCRIPT_VERSION}
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+@dataclass(frozen=True)
+class Flavour:
+    """Which Debian a test host is: its suite, packages and cache file (its own prefix and
+    lock, so building one flavour neither waits for nor prunes another's tarball)."""
+
+    suite: str
+    packages: tuple[str, ...]
+    version: str
+    prefix: str
+    script: str | None = None  # debootstrap's script for a suite it does not know by name
+    # What makes the debootstrapped tree this flavour (configure() when None).
+    setup: Callable[[Path], None] | None = field(default=None, compare=False)
+
+    def cache_key(self) -> str:
+        inputs: dict[str, object] = {
+            "suite": self.suite, "packages": self.packages, "version": self.version
+        }  # fmt: skip
+        if self.script is not None:
+            inputs["script"] = self.script
+        return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+TRIXIE = Flavour(SUITE, PACKAGES, SCRIPT_VERSION, "testhost")
+# VMs: systemd >= 256 has vmspawn (forky: 262), qemu, virtiofsd and firmware to run them.
+FORKY = Flavour(
+    "forky",
+    (*PACKAGES, "qemu-system-x86", "ovmf", "virtiofsd", "iputils-ping"),
+    "1",
+    "vmhost-forky",
+    script="/usr/share/debootstrap/scripts/sid",
+)
+
+
+def cache_key(flavour: Flavour = TRIXIE) -> str:
+    return flavour.cache_key()
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("BITBUILDER_TESTHOST_CACHE", "/var/cache/bitbuilder"))
 
 
-def tarball_path() -> Path:
-    return cache_dir() / f"testhost-{cache_key()}.tar.zst"
+def tarball_path(flavour: Flavour = TRIXIE) -> Path:
+    return cache_dir() / f"{flavour.prefix}-{flavour.cache_key()}.tar.zst"
 
 
 def missing_prerequisites() -> list[str]:
@@ -108,40 +140,42 @@ def missing_prerequisites() -> list[str]:
     return problems
 
 
-def ensure_tarball(log: Path | None = None) -> Path:
+def ensure_tarball(log: Path | None = None, flavour: Flavour = TRIXIE) -> Path:
     """The cached root tarball, built under a lock if it does not exist yet."""
-    target = tarball_path()
+    target = tarball_path(flavour)
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / ".testhost.lock", "w") as lock:
+    with open(target.parent / f".{flavour.prefix}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if target.exists():
             return target
         with tempfile.TemporaryDirectory(dir=target.parent, prefix=".build-") as work:
             root = Path(work) / "root"
-            build_root(root, log)
+            build_root(root, log, flavour)
             partial = Path(work) / "root.tar.zst"
             subprocess.run(
                 ["tar", "--zstd", "--numeric-owner", "--xattrs", "-C", root, "-cf", partial, "."],
                 check=True,
             )
             partial.rename(target)
-        for stale in target.parent.glob("testhost-*.tar.zst"):
+        for stale in target.parent.glob(f"{flavour.prefix}-*.tar.zst"):
             if stale != target:
                 stale.unlink()  # built from older inputs: never used again
     return target
 
 
-def build_root(root: Path, log: Path | None = None) -> None:
+def build_root(root: Path, log: Path | None = None, flavour: Flavour = TRIXIE) -> None:
     out = open(log, "ab") if log else subprocess.DEVNULL  # noqa: SIM115 - closed below
+    script = [flavour.script] if flavour.script else []
     try:
         subprocess.run(
             [
                 "debootstrap",
                 "--variant=minbase",
-                "--include=" + ",".join(PACKAGES),
-                SUITE,
+                "--include=" + ",".join(flavour.packages),
+                flavour.suite,
                 str(root),
                 MIRROR,
+                *script,
             ],
             check=True,
             stdout=out,
@@ -150,7 +184,7 @@ def build_root(root: Path, log: Path | None = None) -> None:
     finally:
         if log:
             out.close()  # type: ignore[union-attr]
-    configure(root)
+    (flavour.setup or configure)(root)
 
 
 def configure(root: Path) -> None:
@@ -416,7 +450,7 @@ def link_tmp(root: Path) -> None:
     there: the project's generator could not import the package and no tenant came back after
     a reboot. nspawn follows the link: its tmpfs and the binds land under /var/tmp and show
     at their own /tmp paths."""
-    (root / "tmp").rmdir()
+    shutil.rmtree(root / "tmp")  # forky's packages leave .X11-unix and friends there
     (root / "tmp").symlink_to("var/tmp")
 
 
@@ -430,9 +464,9 @@ def _assert_nothing_mounted_under(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def restored_root(workdir: Path | None = None) -> Iterator[Path]:
+def restored_root(workdir: Path | None = None, flavour: Flavour = TRIXIE) -> Iterator[Path]:
     """A fresh test-host root from the cached tarball, deleted afterwards."""
-    tarball = ensure_tarball()
+    tarball = ensure_tarball(flavour=flavour)
     base = Path(tempfile.mkdtemp(prefix="bb-testhost-", dir=workdir or "/var/tmp"))
     root = base / "root"
     try:
@@ -455,15 +489,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("shell", help="boot a test host and wait (Ctrl-C tears it down)")
     run = sub.add_parser("run", help="boot, run a command inside as a unit, tear down")
     run.add_argument("argv", nargs="+")
+    parser.add_argument("--flavour", choices=("trixie", "forky"), default="trixie")
     args = parser.parse_args(argv)
+    flavour = FORKY if args.flavour == "forky" else TRIXIE
     problems = missing_prerequisites()
     if problems:
         print("cannot build a test host: " + ", ".join(problems), file=sys.stderr)
         return 2
     if args.command == "build":
-        print(ensure_tarball())
+        print(ensure_tarball(flavour=flavour))
         return 0
-    with restored_root() as root, TestHost(root) as host:
+    with restored_root(flavour=flavour) as root, TestHost(root) as host:
         if args.command == "run":
             result = host.run(*args.argv, check=False)
             sys.stdout.write(result.stdout)
