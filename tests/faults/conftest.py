@@ -15,6 +15,7 @@ import signal
 import subprocess
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,10 +43,10 @@ def motd(text: str) -> dict[str, Content]:
 class FaultHost:
     """One case's host: the shim process, the git server and repos, the tenants it PUT."""
 
-    def __init__(self, root: Path, git: Server, rootfs: Path) -> None:
+    def __init__(self, root: Path, git: Server, rootfs: Path, **config: Any) -> None:
         self.root = root
         self.git = git
-        self.config: ShimConfig = real_config(root, trusted_image_paths=(rootfs.parent,))
+        self.config: ShimConfig = real_config(root, trusted_image_paths=(rootfs.parent,), **config)
         self.rootfs = rootfs
         self.client = ShimClient(str(self.config.socket_path), timeout=120)
         self.log = root / "shim.log"
@@ -193,12 +194,13 @@ def host_processes() -> list[tuple[int, str]]:
     return found
 
 
-@pytest.fixture
-def fault_host(tmp_path: Path, busybox_rootfs: Path) -> Iterator[FaultHost]:
-    served = tmp_path / "served"  # under the shim's file-source root, exported by git daemon
+@contextmanager
+def serving(root: Path, rootfs: Path, **config: Any) -> Iterator[FaultHost]:
+    """A FaultHost under `root` with its shim serving; its tenants deleted and checked after."""
+    served = root / "served"  # under the shim's file-source root, exported by git daemon
     served.mkdir()
     with git_daemon(served) as server:
-        host = FaultHost(tmp_path, server, busybox_rootfs)
+        host = FaultHost(root, server, rootfs, **config)
         try:
             host.start_shim()
             yield host
@@ -207,3 +209,9 @@ def fault_host(tmp_path: Path, busybox_rootfs: Path) -> Iterator[FaultHost]:
             assert not left, f"left behind: {left}"
         finally:
             host.force_clean()
+
+
+@pytest.fixture
+def fault_host(tmp_path: Path, busybox_rootfs: Path) -> Iterator[FaultHost]:
+    with serving(tmp_path, busybox_rootfs) as host:
+        yield host
