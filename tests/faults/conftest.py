@@ -128,9 +128,13 @@ class FaultHost:
         return Path(f"/proc/{leader}/root") / rel
 
     def nspawns(self, name: str) -> list[int]:
-        """Host pids of nspawn processes running this tenant's root (exactly one when it runs)."""
+        """Host pids of nspawn processes running this tenant's root."""
         root = str(self.paths(name).run / "root")
         return [pid for pid, argv in host_processes() if "systemd-nspawn" in argv and root in argv]
+
+    def one_machine(self, name: str) -> None:
+        """Exactly one nspawn runs the tenant (one more is nspawn's own child while it starts)."""
+        wait_for(lambda: len(self.nspawns(name)) == 1, 15, what=f"{name}: exactly one machine")
 
     # --- teardown ---------------------------------------------------------------------------
 
@@ -147,11 +151,12 @@ class FaultHost:
         return self.client.delete(name, keep_data=False)
 
     def leftovers(self) -> list[str]:
-        """What the tenants' runs left on the host (run after the shim stopped)."""
+        """What the tenants' runs left on the host (the shim itself aside)."""
         found = []
         marks = (str(self.config.runtime_dir), str(self.config.state_dir))
+        shim = self.proc.pid if self.proc is not None else None
         found += [f"process {pid}: {argv}" for pid, argv in host_processes()
-                  if any(m in argv for m in marks)]  # fmt: skip
+                  if pid != shim and any(m in argv for m in marks)]  # fmt: skip
         root = str(self.root)
         for line in Path("/proc/self/mountinfo").read_text().splitlines():
             point = line.split()[4]
