@@ -13,7 +13,7 @@ import glob
 import os
 import signal
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -30,6 +30,7 @@ from tests.helpers.needs import needs_root_and
 from tests.helpers.wait import wait_for
 from tests.shim.conftest import RealShim, real_config
 from tests.shim.harness import Reply, ShimClient, daemon_argv
+from tests.standalone.conftest import host  # noqa: F401  (`bitbuilder run` cases use it)
 
 # Each test module sets `pytestmark = FAULTS` (a conftest's pytestmark marks nothing).
 FAULTS = [pytest.mark.faults, pytest.mark.nspawn, needs_root_and("systemd-nspawn", "nft", "git")]
@@ -128,13 +129,10 @@ class FaultHost:
         return Path(f"/proc/{leader}/root") / rel
 
     def nspawns(self, name: str) -> list[int]:
-        """Host pids of nspawn processes running this tenant's root."""
-        root = str(self.paths(name).run / "root")
-        return [pid for pid, argv in host_processes() if "systemd-nspawn" in argv and root in argv]
+        return nspawns(self.config, name)
 
     def one_machine(self, name: str) -> None:
-        """Exactly one nspawn runs the tenant (one more is nspawn's own child while it starts)."""
-        wait_for(lambda: len(self.nspawns(name)) == 1, 15, what=f"{name}: exactly one machine")
+        one_machine(self.config, name)
 
     # --- teardown ---------------------------------------------------------------------------
 
@@ -152,28 +150,8 @@ class FaultHost:
 
     def leftovers(self) -> list[str]:
         """What the tenants' runs left on the host (the shim itself aside)."""
-        found = []
-        marks = (str(self.config.runtime_dir), str(self.config.state_dir))
         shim = self.proc.pid if self.proc is not None else None
-        found += [f"process {pid}: {argv}" for pid, argv in host_processes()
-                  if pid != shim and any(m in argv for m in marks)]  # fmt: skip
-        root = str(self.root)
-        for line in Path("/proc/self/mountinfo").read_text().splitlines():
-            point = line.split()[4]
-            if point.startswith(root):
-                found.append(f"mount {point}")
-        scope = shim_scope(self.config)
-        for depth in range(1, 6):
-            pattern = "/sys/fs/cgroup/" + "*/" * depth + f"bitbuilder-{scope}"
-            found += [f"cgroup {d}" for d in glob.glob(pattern)]
-        tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-        for name in sorted(self.names):
-            ifname = link_name(scope, name)
-            if Path(f"/sys/class/net/{ifname}").exists():
-                found.append(f"link {ifname} ({name})")
-            if ifname in tables:
-                found.append(f"nftables table of {ifname} ({name})")
-        return found
+        return leftovers(self.config, self.root, self.names, shim)
 
     def force_clean(self) -> None:
         """Whatever a failed case left: the shim, then every machine of these dirs."""
@@ -182,6 +160,45 @@ class FaultHost:
             self.proc.wait(30)
             self.proc = None
         RealShim(self.config).stop_all()
+
+
+def leftovers(
+    config: ShimConfig, root: Path, names: Collection[str], shim: int | None = None
+) -> list[str]:
+    """What machines of the shim over `config` left on the host: processes naming its dirs
+    (but the shim's own), mounts under `root`, its cgroups, and the links and nftables tables
+    of the tenants `names`."""
+    found = []
+    marks = (str(config.runtime_dir), str(config.state_dir))
+    found += [f"process {pid}: {argv}" for pid, argv in host_processes()
+              if pid != shim and any(m in argv for m in marks)]  # fmt: skip
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4]
+        if point.startswith(str(root)):
+            found.append(f"mount {point}")
+    scope = shim_scope(config)
+    for depth in range(1, 6):
+        pattern = "/sys/fs/cgroup/" + "*/" * depth + f"bitbuilder-{scope}"
+        found += [f"cgroup {d}" for d in glob.glob(pattern)]
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
+    for name in sorted(names):
+        ifname = link_name(scope, name)
+        if Path(f"/sys/class/net/{ifname}").exists():
+            found.append(f"link {ifname} ({name})")
+        if ifname in tables:
+            found.append(f"nftables table of {ifname} ({name})")
+    return found
+
+
+def nspawns(config: ShimConfig, name: str) -> list[int]:
+    """Host pids of nspawn processes running this tenant's root."""
+    root = str(TenantPaths(config, name).run / "root")
+    return [pid for pid, argv in host_processes() if "systemd-nspawn" in argv and root in argv]
+
+
+def one_machine(config: ShimConfig, name: str) -> None:
+    """Exactly one nspawn runs the tenant (one more is nspawn's own child while it starts)."""
+    wait_for(lambda: len(nspawns(config, name)) == 1, 15, what=f"{name}: exactly one machine")
 
 
 def host_processes() -> list[tuple[int, str]]:
@@ -205,18 +222,18 @@ def serving(root: Path, rootfs: Path, **config: Any) -> Iterator[FaultHost]:
     served = root / "served"  # under the shim's file-source root, exported by git daemon
     served.mkdir()
     with git_daemon(served) as server:
-        host = FaultHost(root, server, rootfs, **config)
+        made = FaultHost(root, server, rootfs, **config)
         try:
-            host.start_shim()
-            yield host
-            host.delete_all()
-            left = host.leftovers()
+            made.start_shim()
+            yield made
+            made.delete_all()
+            left = made.leftovers()
             assert not left, f"left behind: {left}"
         finally:
-            host.force_clean()
+            made.force_clean()
 
 
 @pytest.fixture
 def fault_host(tmp_path: Path, busybox_rootfs: Path) -> Iterator[FaultHost]:
-    with serving(tmp_path, busybox_rootfs) as host:
-        yield host
+    with serving(tmp_path, busybox_rootfs) as made:
+        yield made

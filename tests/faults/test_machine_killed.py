@@ -33,7 +33,9 @@ def test_killed_machine_is_restarted_by_drift(fault_host: FaultHost, victim: str
 
     def restarted() -> dict[str, object] | None:
         status = host.status("web")
-        return status if status.get("driftCorrections") == 1 and status["phase"] == "Running" else None
+        return (
+            status if status.get("driftCorrections") == 1 and status["phase"] == "Running" else None
+        )
 
     after = wait_for(restarted, 60, what="the drift check to restart web")
     assert after["leaderPid"] != first["leaderPid"]

@@ -6,6 +6,7 @@ and persisted state stay, and the next shim finishes whatever was half done.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -16,7 +17,6 @@ import pytest
 from tests.faults.conftest import FAULTS, MARKER, FaultHost
 from tests.helpers.gated_proxy import GatedProxy
 from tests.helpers.wait import wait_for
-from tests.shim.harness import Reply
 
 pytestmark = FAULTS
 
@@ -50,10 +50,8 @@ def _put_in_background(host: FaultHost, name: str, **overrides: object) -> threa
     """A PUT that the kill will cut off (its caller sees the connection drop, not a reply)."""
 
     def put() -> None:
-        try:
+        with contextlib.suppress(OSError):  # the shim died under it
             host.put(name, **overrides)
-        except OSError:
-            pass  # the shim died under it
 
     thread = threading.Thread(target=put, daemon=True)
     thread.start()

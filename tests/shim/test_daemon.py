@@ -23,6 +23,7 @@ from tests.helpers.wait import wait_for
 from tests.shim.conftest import RealShim, real_config
 from tests.shim.harness import DAEMON, ShimClient, daemon_argv
 
+
 def _healthy(client: ShimClient) -> bool:
     try:
         return client.request("GET", "/healthz").status == 200
