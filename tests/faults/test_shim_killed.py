@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import FAULTS, MARKER, FaultHost
+from tests.faults.conftest import FAULTS, MARKER, FaultHost, motd
 from tests.helpers.gated_proxy import GatedProxy
 from tests.helpers.wait import wait_for
 
@@ -120,3 +120,25 @@ def test_killed_during_a_fetch_of_a_large_repo(fault_host: FaultHost) -> None:
     stray = [p.name for p in pack.iterdir() if not p.name.startswith("pack-")]
     assert not stray, f"partial fetch left in the repo: {stray}"
     host.one_machine("web")
+
+
+def test_killed_during_an_update(fault_host: FaultHost) -> None:
+    """Killed while the old revision's machine is replaced by the new one's: the next shim
+    runs the new revision, once, on the same writable data."""
+    host = fault_host
+    repo = host.repo("web")
+    first = host.running("web")
+    host.in_machine(first["leaderPid"], MARKER).write_text("kept\n")
+    update = repo.commit(motd("web v2"), "v2")
+    put = _put_in_background(host, "web")
+    wait_for(lambda: host.status("web")["phase"] == "Updating", 60, interval=0.001,
+             what="web updating")  # fmt: skip
+    host.kill_shim()
+    put.join(30)
+
+    host.start_shim()
+    web = host.status("web")
+    assert web["phase"] == "Running" and web["appliedRevision"] == update, web
+    host.one_machine("web")
+    assert host.in_machine(web["leaderPid"], "etc/motd").read_text() == "web v2\n"
+    assert host.in_machine(web["leaderPid"], MARKER).read_text() == "kept\n"
