@@ -14,9 +14,11 @@ shows as growth). Everything runs under a temp dir that is removed at the end.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,11 +44,17 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
 
 
-def usage(pid: int) -> tuple[int, int]:
-    """(RSS in KiB, open fds) of a process."""
+def usage(pid: int) -> tuple[int, list[str]]:
+    """(RSS in KiB, what its open fds point at) of a process."""
     status = Path(f"/proc/{pid}/status").read_text()
     rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:"))
-    return rss, len(list(Path(f"/proc/{pid}/fd").iterdir()))
+    fds = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            fds.append(os.readlink(fd).split(":")[0])  # socket:[123] -> socket
+        except FileNotFoundError:
+            continue  # closed meanwhile
+    return rss, sorted(fds)
 
 
 def pids(host: Host) -> dict[str, int]:
@@ -143,8 +151,10 @@ def main() -> None:
         )
     for name, (rss, fds) in before.items():
         end_rss, end_fds = after[name]
+        more = Counter(end_fds) - Counter(fds)
         print(
-            f"{name:<10} RSS {rss / 1024:7.1f} -> {end_rss / 1024:7.1f} MiB; fds {fds} -> {end_fds}"
+            f"{name:<10} RSS {rss / 1024:7.1f} -> {end_rss / 1024:7.1f} MiB; "
+            f"fds {len(fds)} -> {len(end_fds)}" + (f" (more: {dict(more)})" if more else "")
         )
 
 
