@@ -40,14 +40,6 @@ class StateError(ShimError):
     reason = "StateUnreadable"
 
 
-class StateWriteFailed(ShimError):
-    """The state dir's file system refused a write (full, read-only, failing): nothing of the
-    request was done, and the tenant's last saved state stands."""
-
-    status = 507
-    reason = "StateWriteFailed"
-
-
 def _secret_digest(value: str) -> str:
     return "sha256:" + hashlib.sha256(value.encode()).hexdigest()
 
@@ -252,18 +244,11 @@ class StateStore:
 
     def save(self, state: TenantState) -> None:
         root = self.paths(state.name).root
-        path = self.paths(state.name).state_file
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for stale in root.glob(_TEMP_PREFIX + "*.tmp"):
+            stale.unlink(missing_ok=True)  # left by a crash between mkstemp and rename
         data = json.dumps(state.model_dump(mode="json", by_alias=True), indent=1).encode()
-        try:
-            root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            for stale in root.glob(_TEMP_PREFIX + "*.tmp"):
-                stale.unlink(missing_ok=True)  # left by a crash between mkstemp and rename
-            write_atomic(path, data + b"\n")
-        except OSError as exc:
-            raise StateWriteFailed(
-                f"cannot write {path}: {exc.strerror or exc}; the last saved state stands: make room "
-                f"on (or repair) the file system of {self.config.state_dir} and retry"
-            ) from exc
+        write_atomic(self.paths(state.name).state_file, data + b"\n")
 
     def remove(self, name: str) -> None:
         path = self.paths(name).state_file

@@ -1,6 +1,7 @@
-"""The state dir on a full file system (a small tmpfs the case mounts): an update fails with a
-clear error, the state file is never half written, the machine keeps running and the shim
-keeps answering; once there is room again the update goes through."""
+"""The state dir on a full file system (a small tmpfs the case mounts): an update is refused
+naming the host's condition (not a 500), the state file is never half written, the machine
+keeps running and the shim keeps answering; once there is room again the update goes
+through."""
 
 from __future__ import annotations
 
@@ -59,9 +60,8 @@ def test_full_state_disk(full_disk_host: FaultHost) -> None:
 
     update = repo.commit(motd("web v2"), "v2")
     reply = host.put("web")
-    assert reply.status == 507 and reply.body["error"] == "StateWriteFailed", reply.body
-    assert "No space left on device" in reply.body["message"]
-    assert str(host.config.state_dir) in reply.body["message"]
+    assert reply.status == 503 and reply.body["error"] == "HostDiskFull", reply.body
+    assert "no space left" in reply.body["message"] and "--state-dir" in reply.body["message"]
     now = state_file.read_bytes()
     assert now == saved or json.loads(now)["name"] == "web", "never a half-written state"
     assert not list(state_file.parent.glob(".state.*")), "no temp state file left"
