@@ -23,6 +23,7 @@ from bitbuilder.hostshim.errors import HostError, MachineError
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CPU_PERIOD_US = 100_000
 V1_CONTROLLERS = ("memory", "cpu", "pids", "systemd")  # "systemd" = the name=systemd hierarchy
+_V2_CONTROLLERS = ("memory", "cpu", "pids")
 # The tasks limit of a machine whose spec sets none (where the pids controller exists): a fork
 # bomb in one machine must not exhaust the host's pids. (systemd's DefaultTasksMax does the same
 # for the systemd executor.)
@@ -196,6 +197,27 @@ def _require(limits: ResourceLimits, have: set[str]) -> None:
         )
 
 
+def _v1_dirs(scope: str, name: str, v2: set[str]) -> dict[str, Path]:
+    """The machine's directory in each v1 hierarchy whose controller cgroup2 does not carry."""
+    dirs = {}
+    for controller in V1_CONTROLLERS:
+        base = CGROUP_ROOT / controller
+        if controller not in v2 and (base / "cgroup.procs").is_file():
+            dirs[controller] = base / _own_v1_path(controller) / f"bitbuilder-{scope}" / name
+    return dirs
+
+
+def machine_cgroups(scope: str, name: str) -> MachineCgroups | None:
+    """Where the machine's cgroups are (or would be), from the names alone: a stop finds the
+    processes of a start whose record a crash lost. None without cgroup2."""
+    root = _unified_root()
+    if root is None:
+        return None
+    v2 = set((root / "cgroup.controllers").read_text().split()) & set(_V2_CONTROLLERS)
+    unified = root / f"bitbuilder-{scope}" / name
+    return MachineCgroups(unified=unified, v1=tuple(_v1_dirs(scope, name, v2).values()))
+
+
 def create_cgroups(
     scope: str, name: str, limits: ResourceLimits, default_memory: int | None = None
 ) -> MachineCgroups:
@@ -214,14 +236,10 @@ def create_cgroups(
     group = f"bitbuilder-{scope}"
     unified = root / group / name
     _mkdir(unified)
-    v2 = _enable_controllers(root, root / group, ("memory", "cpu", "pids"))
-    v1: dict[str, Path] = {}
-    for controller in V1_CONTROLLERS:
-        base = CGROUP_ROOT / controller
-        if controller in v2 or not (base / "cgroup.procs").is_file():
-            continue
-        v1[controller] = base / _own_v1_path(controller) / group / name
-        _mkdir(v1[controller])
+    v2 = _enable_controllers(root, root / group, _V2_CONTROLLERS)
+    v1 = _v1_dirs(scope, name, v2)
+    for path in v1.values():
+        _mkdir(path)
     cgroups = MachineCgroups(unified=unified, v1=tuple(v1.values()))
     have = v2 | set(v1)
     if limits.tasks is None and "pids" in have:

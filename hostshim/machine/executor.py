@@ -22,7 +22,12 @@ from typing import Protocol
 from bitbuilder.hostshim.api import ResourceLimits
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
-from bitbuilder.hostshim.machine.cgroups import MachineCgroups, create_cgroups, signal_pid
+from bitbuilder.hostshim.machine.cgroups import (
+    MachineCgroups,
+    create_cgroups,
+    machine_cgroups,
+    signal_pid,
+)
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.timing import phase
 
@@ -212,7 +217,8 @@ class DirectExecutor:
                 if not wait_exit(pid, KILL_DEADLINE):
                     signal_pid(pid, signal.SIGKILL)
                     wait_exit(pid, KILL_DEADLINE)
-        cgroups = self.cgroups(name)
+        # Without a record (a crash between spawning and recording), where they would be.
+        cgroups = self.cgroups(name) or machine_cgroups(self.scope, name)
         if cgroups is not None:
             self._empty(cgroups)
             cgroups.remove()

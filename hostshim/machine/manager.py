@@ -302,7 +302,9 @@ class MachineManager:
         remove_tree(paths.run)
         if paths.root.is_dir():
             for entry in paths.root.iterdir():
-                if entry == paths.state_file or (keep_data and entry == paths.data):
+                if entry == paths.state_file or (
+                    keep_data and entry in (paths.data, paths.data_image)
+                ):
                     continue
                 remove_tree(entry)
         self.store.remove(name)  # last: a crash before this resumes the delete at startup

@@ -268,6 +268,7 @@ class GitSource:
 
     def _fetch(self, repo: pygit2.Repository, source: SourceSpec) -> tuple[str, str | None]:
         """Fetch what the ref needs (nothing if the local ref is current): (commit, forced_from)."""
+        _drop_partial_packs(self.paths.repo)
         ref = source.ref
         if ref.commit:
             if not _has_commit(repo, ref.commit):
@@ -352,6 +353,14 @@ class GitSource:
                 continue
             return extrelease.parse_os_release(text)
         return None
+
+
+def _drop_partial_packs(repo: Path) -> None:
+    """Remove what a fetch cut off by a crash left (libgit2 receives a pack into
+    objects/pack/pack_git2_*, renamed when complete): up to MAX_FETCH_BYTES each. Only the
+    tenant's own sync, which holds its lock, ever fetches into this repository."""
+    for partial in (repo / "objects" / "pack").glob("pack_git2_*"):
+        partial.unlink(missing_ok=True)
 
 
 def _within(path: Path, root: Path) -> bool:

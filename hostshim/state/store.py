@@ -171,6 +171,12 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(dir_fd)
 
 
+def _lost_state(paths: TenantPaths) -> bool:
+    """No state file, yet the tenant's source is there: the file was lost (the state is written
+    before anything else of a tenant, and a delete removes the source before it)."""
+    return not paths.state_file.exists() and (paths.repo.exists() or paths.revisions.exists())
+
+
 class StateStore:
     """Reads and writes tenants' state files under the configured state dir."""
 
@@ -185,7 +191,8 @@ class StateStore:
         return TenantPaths(self.config, name)
 
     def names(self) -> list[str]:
-        """Tenants with a state file (folders that are not valid names are ignored)."""
+        """Tenants with a state file, or that lost it (folders that are not valid names are
+        ignored)."""
         if not self.tenants_dir.is_dir():
             return []
         names = []
@@ -194,16 +201,25 @@ class StateStore:
                 checked_name(entry.name)
             except ValueError:
                 continue
-            if self.paths(entry.name).state_file.is_file():
+            paths = self.paths(entry.name)
+            if paths.state_file.is_file() or _lost_state(paths):
                 names.append(entry.name)
         return names
 
     def load(self, name: str) -> TenantState | None:
         """The tenant's state, None if it has none; StateError if the file cannot be used."""
-        path = self.paths(name).state_file
+        paths = self.paths(name)
+        path = paths.state_file
         try:
             raw = path.read_bytes()
         except FileNotFoundError:
+            if _lost_state(paths):
+                raise StateError(
+                    f"state file {path} is missing, yet the tenant's repository is there; its "
+                    "machine and data are left as they are: DELETE the tenant (its data is "
+                    "kept) and PUT its spec again",
+                    reason="StateMissing",
+                ) from None
             return None
         try:
             doc = json.loads(raw)

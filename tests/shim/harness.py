@@ -6,8 +6,10 @@ import asyncio
 import http.client
 import json
 import socket
+import sys
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bitbuilder.hostshim.config import ShimConfig
@@ -16,6 +18,19 @@ from bitbuilder.hostshim.server.app import serve
 from tests.helpers.wait import wait_for
 
 JSON = "application/json"
+DAEMON = str(Path(sys.executable).parent / "bitbuilder-hostshim")
+
+
+def daemon_argv(config: ShimConfig, drift_interval: float = 0) -> list[str]:
+    """`bitbuilder-hostshim` over `config` with the direct executor (drift 0: never checked)."""
+    return [
+        DAEMON, "--state-dir", str(config.state_dir), "--runtime-dir", str(config.runtime_dir),
+        "--socket", str(config.socket_path), "--executor", "direct",
+        "--drift-interval", str(drift_interval),
+        *[a for p in config.trusted_image_paths for a in ("--trusted-image-path", str(p))],
+        *[a for p in config.file_source_roots for a in ("--file-source-root", str(p))],
+        *[a for n in config.source_networks for a in ("--allow-source-network", str(n))],
+    ]  # fmt: skip
 
 
 class UnixConnection(http.client.HTTPConnection):

@@ -21,9 +21,7 @@ from bitbuilder.hostshim.main import main, parse_args
 from tests.helpers.gitserve import TenantRepo
 from tests.helpers.wait import wait_for
 from tests.shim.conftest import RealShim, real_config
-from tests.shim.harness import ShimClient
-
-DAEMON = str(Path(sys.executable).parent / "bitbuilder-hostshim")
+from tests.shim.harness import DAEMON, ShimClient, daemon_argv
 
 
 def _healthy(client: ShimClient) -> bool:
@@ -46,13 +44,7 @@ os.execv(sys.argv[2], sys.argv[2:])
 def daemon(
     config: ShimConfig, log: Path, activated: socket.socket | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    argv = [
-        DAEMON, "--state-dir", str(config.state_dir), "--runtime-dir", str(config.runtime_dir),
-        "--socket", str(config.socket_path), "--executor", "direct", "--drift-interval", "0",
-        *[a for p in config.trusted_image_paths for a in ("--trusted-image-path", str(p))],
-        *[a for p in config.file_source_roots for a in ("--file-source-root", str(p))],
-        *[a for n in config.source_networks for a in ("--allow-source-network", str(n))],
-    ]  # fmt: skip
+    argv = daemon_argv(config)
     passed: tuple[int, ...] = ()
     if activated is not None:  # what systemd does: the socket as fd 3, LISTEN_PID = the service
         passed = (activated.fileno(),)

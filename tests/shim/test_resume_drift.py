@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,9 +71,20 @@ def test_half_done_delete_is_finished_at_startup(fake_shim: FakeShim) -> None:
 def test_machine_without_state_is_stopped_at_startup(fake_shim: FakeShim) -> None:
     fake_shim.client.put(machine_spec())
     fake_shim.stop()
-    StateStore(fake_shim.config).remove("web")
+    shutil.rmtree(StateStore(fake_shim.config).paths("web").root)  # no tenant of that name
     fake_shim.start()
     assert "web" not in fake_shim.runner.machines
+
+
+def test_lost_state_file_is_reported_and_its_machine_kept(fake_shim: FakeShim) -> None:
+    """Only the state file is gone (the repo is still there): a loss, not a deleted tenant."""
+    fake_shim.client.put(machine_spec())
+    fake_shim.stop()
+    StateStore(fake_shim.config).remove("web")
+    fake_shim.start()
+    reply = fake_shim.client.get("web")
+    assert reply.status == 409 and reply.body["error"] == "StateMissing"
+    assert "web" in fake_shim.runner.machines
 
 
 def test_unreadable_state_is_reported_and_kept(fake_shim: FakeShim) -> None:
