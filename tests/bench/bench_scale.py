@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import statistics
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -35,9 +34,8 @@ from bitbuilder.operator.api import Tenant
 from bitbuilder.operator.shimclient import ShimClient
 from bitbuilder.operator.translate import to_machine_spec
 from tests.bench.bench_standalone import HOUR
+from tests.bench.host import bench_host
 from tests.bench.phases import last_apply, parse
-from tests.helpers.gitserve import git_daemon
-from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.helpers.wait import wait_for
 from tests.standalone.conftest import Host, tenant_manifest
 
@@ -156,68 +154,58 @@ def main() -> None:
     parser.add_argument("--baseline", type=int, default=10, help="tenants of the baseline")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for all")
     args = parser.parse_args()
-    rootfs = cached_busybox_rootfs(Path("/var/tmp/bitbuilder-bench-rootfs"))
-    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
-        root = Path(tmp)
-        (root / "git").mkdir()
-        with git_daemon(root / "git") as server:
-            host = Host(root, server, rootfs)
-            rows: list[str] = []
-            try:
-                host.start_shim("--log-level", "DEBUG")
-                commit = host.tenant_repo("many", "many").head()
-                names = [f"t{i:03d}" for i in range(args.tenants)]
-                manifests = {f"{n}.yaml": tenant_manifest(n, host.url("many"), HOUR) for n in names}
-                probe = to_machine_spec(Tenant.model_validate(manifests["t000.yaml"]))
+    with bench_host("bench-scale-") as host:
+        rows: list[str] = []
+        try:
+            host.start_shim("--log-level", "DEBUG")
+            commit = host.tenant_repo("many", "many").head()
+            names = [f"t{i:03d}" for i in range(args.tenants)]
+            manifests = {f"{n}.yaml": tenant_manifest(n, host.url("many"), HOUR) for n in names}
+            probe = to_machine_spec(Tenant.model_validate(manifests["t000.yaml"]))
 
-                def measure_calls(count: int) -> tuple[float, float]:
-                    put = timed_ms(host, lambda c: c.apply(probe))
-                    listed = timed_ms(host, lambda c: c.machines())
-                    rows.append(f"at {count:>4} tenants: no-op PUT {put:7.1f} ms   "
-                                f"GET /v1/machines {listed:7.1f} ms")  # fmt: skip
-                    return put, listed
+            def measure_calls(count: int) -> tuple[float, float]:
+                put = timed_ms(host, lambda c: c.apply(probe))
+                listed = timed_ms(host, lambda c: c.machines())
+                rows.append(f"at {count:>4} tenants: no-op PUT {put:7.1f} ms   "
+                            f"GET /v1/machines {listed:7.1f} ms")  # fmt: skip
+                return put, listed
 
-                base = names[: args.baseline]
-                host.commit_fleet({f"{n}.yaml": manifests[f"{n}.yaml"] for n in base})
-                host.start_reconciler()
-                wait_for(
-                    lambda: all_running(host, base, commit), timeout=args.timeout, interval=0.5
-                )
-                put10, list10 = measure_calls(args.baseline)
-                pids = {name: proc.pid for name, proc in host.procs.children}
-                with RssPeak(pids) as rss:
-                    began = time.perf_counter()
-                    host.commit_fleet(manifests)
-                    wait_for(
-                        lambda: all_running(host, names, commit),
-                        timeout=args.timeout,
-                        interval=0.5,
-                        what=f"{args.tenants} tenants Running",
-                    )
-                    up = time.perf_counter() - began
-                rows.append(f"fleet commit -> {args.tenants} Running ({args.tenants - args.baseline}"
-                            f" new): {up:.1f} s")  # fmt: skip
-                log = (host.procs.logs / "hostshim.log").read_text(errors="replace")
-                rows += phase_growth(log.splitlines(), names[args.baseline :])
-                putn, listn = measure_calls(args.tenants)
-                rows.append(f"ratio at {args.tenants} to {args.baseline}: no-op PUT "
-                            f"{putn / put10:.1f}x, list {listn / list10:.1f}x (target <= 2x)")  # fmt: skip
-                for name, pid in pids.items():
-                    rows.append(f"RSS {name:<10} {rss_mib(pid):6.1f} MiB at {args.tenants}, "
-                                f"peak {rss.peak[name]:6.1f} MiB while coming up")  # fmt: skip
+            base = names[: args.baseline]
+            host.commit_fleet({f"{n}.yaml": manifests[f"{n}.yaml"] for n in base})
+            host.start_reconciler()
+            wait_for(lambda: all_running(host, base, commit), timeout=args.timeout, interval=0.5)
+            put10, list10 = measure_calls(args.baseline)
+            pids = {name: proc.pid for name, proc in host.procs.children}
+            with RssPeak(pids) as rss:
                 began = time.perf_counter()
-                host.commit_fleet({}, remove=tuple(manifests))
-                wait_for(lambda: not host.state.names(), timeout=args.timeout, interval=0.5,
-                         what="every tenant removed")  # fmt: skip
-                wait_for(lambda: not host.call(lambda c: c.machines()), timeout=60, interval=0.5)
-                rows.append(
-                    f"fleet commit removing all -> gone: {time.perf_counter() - began:.1f} s"
+                host.commit_fleet(manifests)
+                wait_for(
+                    lambda: all_running(host, names, commit),
+                    timeout=args.timeout,
+                    interval=0.5,
+                    what=f"{args.tenants} tenants Running",
                 )
-                left = leftovers(host, names)
-                rows.append(f"left behind after removal: {left[:20] or 'nothing'}")
-            finally:
-                print("\n".join(rows), flush=True)
-                host.teardown()
+                up = time.perf_counter() - began
+            rows.append(f"fleet commit -> {args.tenants} Running ({args.tenants - args.baseline}"
+                        f" new): {up:.1f} s")  # fmt: skip
+            log = (host.procs.logs / "hostshim.log").read_text(errors="replace")
+            rows += phase_growth(log.splitlines(), names[args.baseline :])
+            putn, listn = measure_calls(args.tenants)
+            rows.append(f"ratio at {args.tenants} to {args.baseline}: no-op PUT "
+                        f"{putn / put10:.1f}x, list {listn / list10:.1f}x (target <= 2x)")  # fmt: skip
+            for name, pid in pids.items():
+                rows.append(f"RSS {name:<10} {rss_mib(pid):6.1f} MiB at {args.tenants}, "
+                            f"peak {rss.peak[name]:6.1f} MiB while coming up")  # fmt: skip
+            began = time.perf_counter()
+            host.commit_fleet({}, remove=tuple(manifests))
+            wait_for(lambda: not host.state.names(), timeout=args.timeout, interval=0.5,
+                     what="every tenant removed")  # fmt: skip
+            wait_for(lambda: not host.call(lambda c: c.machines()), timeout=60, interval=0.5)
+            rows.append(f"fleet commit removing all -> gone: {time.perf_counter() - began:.1f} s")
+            left = leftovers(host, names)
+            rows.append(f"left behind after removal: {left[:20] or 'nothing'}")
+        finally:
+            print("\n".join(rows), flush=True)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.helpers.gitserve import git_daemon
-from tests.helpers.rootfs import cached_busybox_rootfs
+from tests.bench.host import bench_host
 from tests.standalone.conftest import Host, motd, tenant_manifest
 
 
@@ -109,29 +107,21 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=10)
     parser.add_argument("--every", type=float, default=5.0, help="seconds between one tenant's commits")  # fmt: skip
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-soak-") as tmp:
-        root = Path(tmp)
-        rootfs = cached_busybox_rootfs(Path("/var/tmp/bitbuilder-bench-rootfs"))
-        (root / "git").mkdir()
-        with git_daemon(root / "git") as server:
-            host = Host(root, server, rootfs)
-            try:
-                host.start_shim()
-                tenants = [Tenant(f"soak{i:02d}") for i in range(args.tenants)]
-                for tenant in tenants:
-                    tenant.pushed = host.tenant_repo(tenant.name, "start").head()
-                host.commit_fleet(
-                    {f"{t.name}.yaml": tenant_manifest(t.name, host.url(t.name)) for t in tenants}
-                )
-                host.start_reconciler()
-                for tenant in tenants:
-                    host.wait_applied(tenant.name, tenant.pushed, timeout=300)
-                before = {name: usage(pid) for name, pid in pids(host).items()}
-                tally = soak(host, tenants, args.minutes * 60, args.every)
-                behind = drain(host, tenants, tally)
-                after = {name: usage(pid) for name, pid in pids(host).items()}
-            finally:
-                host.teardown()
+    with bench_host("bench-soak-") as host:
+        host.start_shim()
+        tenants = [Tenant(f"soak{i:02d}") for i in range(args.tenants)]
+        for tenant in tenants:
+            tenant.pushed = host.tenant_repo(tenant.name, "start").head()
+        host.commit_fleet(
+            {f"{t.name}.yaml": tenant_manifest(t.name, host.url(t.name)) for t in tenants}
+        )
+        host.start_reconciler()
+        for tenant in tenants:
+            host.wait_applied(tenant.name, tenant.pushed, timeout=300)
+        before = {name: usage(pid) for name, pid in pids(host).items()}
+        tally = soak(host, tenants, args.minutes * 60, args.every)
+        behind = drain(host, tenants, tally)
+        after = {name: usage(pid) for name, pid in pids(host).items()}
     failed = sum(len(t.failed) for t in tenants)
     print(
         f"soak: {args.tenants} tenants, a commit each every {args.every:g}s, "

@@ -18,19 +18,16 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 
 from bitbuilder.operator.api import RECONCILE_REQUESTED_ANNOTATION
 from bitbuilder.operator.webhook import sign
+from tests.bench.host import bench_host
 from tests.bench.phases import LogTail, Phases, last_apply, parse, table
-from tests.helpers.gitserve import git_daemon
-from tests.helpers.rootfs import cached_busybox_rootfs
 from tests.standalone.conftest import WEBHOOK_SECRET, Host, motd, tenant_manifest
 
 HOUR = "1h"
@@ -111,38 +108,27 @@ def main() -> None:
     parser.add_argument("--interval", default="2s", help="the poll path's spec.source.interval")
     parser.add_argument("--tenants", type=int, default=10, help="tenants added in one fleet push")
     args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-standalone-") as tmp:
-        root = Path(tmp)
-        rootfs = cached_busybox_rootfs(Path("/var/tmp/bitbuilder-bench-rootfs"))
-        (root / "git").mkdir()
-        with git_daemon(root / "git") as server:
-            host = Host(root, server, rootfs)
-            try:
-                host.start_shim("--log-level", "DEBUG")
-                tail = LogTail(host.procs.logs / "hostshim.log")
-                firsts = {
-                    n: host.tenant_repo(n, f"{n} start").head()
-                    for n in ("poll", "request", "webhook")
-                }
-                host.commit_fleet(manifests(host, args.interval))
-                host.start_reconciler(webhook=True)
-                for name, commit in firsts.items():
-                    host.wait_applied(name, commit, timeout=120)
+    with bench_host("bench-standalone-") as host:
+        host.start_shim("--log-level", "DEBUG")
+        tail = LogTail(host.procs.logs / "hostshim.log")
+        firsts = {
+            n: host.tenant_repo(n, f"{n} start").head() for n in ("poll", "request", "webhook")
+        }
+        host.commit_fleet(manifests(host, args.interval))
+        host.start_reconciler(webhook=True)
+        for name, commit in firsts.items():
+            host.wait_applied(name, commit, timeout=120)
 
-                def request() -> None:
-                    stamp = datetime.now(UTC).isoformat()
-                    host.commit_fleet(manifests(host, args.interval, stamp))
+        def request() -> None:
+            stamp = datetime.now(UTC).isoformat()
+            host.commit_fleet(manifests(host, args.interval, stamp))
 
-                results = {
-                    "poll": measure(host, "poll", args.commits, lambda: None, tail),
-                    "request": measure(host, "request", args.commits, request, tail),
-                    "webhook": measure(
-                        host, "webhook", args.commits, lambda: post_webhook(host), tail
-                    ),
-                }
-                fleet_seconds = add_tenants(host, args.tenants, manifests(host, args.interval))
-            finally:
-                host.teardown()
+        results = {
+            "poll": measure(host, "poll", args.commits, lambda: None, tail),
+            "request": measure(host, "request", args.commits, request, tail),
+            "webhook": measure(host, "webhook", args.commits, lambda: post_webhook(host), tail),
+        }
+        fleet_seconds = add_tenants(host, args.tenants, manifests(host, args.interval))
     print(f"commit pushed -> new revision Running (standalone; poll interval {args.interval})")
     for path, samples in results.items():
         print(samples.report(path))

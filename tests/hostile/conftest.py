@@ -9,19 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from tests.runner.conftest import Shim, make_shim, stop_all
+from tests.runner.conftest import (
+    Shim,
+    make_shim,
+    shim,  # noqa: F401  (the runner's plain shim fixture)
+    stop_all,
+)
 
 TIGHT_DISK = 64 << 20
 TIGHT_MEMORY = 64 << 20
-
-
-@pytest.fixture
-def shim(tmp_path: Path, busybox_rootfs: Path) -> Iterator[Shim]:
-    made = make_shim(tmp_path, busybox_rootfs)
-    try:
-        yield made
-    finally:
-        stop_all(made)
 
 
 @pytest.fixture
