@@ -35,6 +35,7 @@ from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.server.app import serve
 from bitbuilder.hostshim.source.git import GitSource
 from bitbuilder.hostshim.source.layout import load_layout
+from bitbuilder.hostshim.state.settings import save_settings
 from bitbuilder.hostshim.systemd.activation import listen_socket
 
 log = logging.getLogger("bitbuilder.hostshim")
@@ -252,6 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as exc:
         log.error("%s", exc)
         return 1
+    save_settings(config)  # what setup-tenant@ restores machines with at the next boot
     manager = build_manager(config)
     manager.startup()
     try:

@@ -22,6 +22,7 @@ from bitbuilder.hostshim.machine.runner import Runner
 from bitbuilder.hostshim.paths import TenantPaths, checked_name
 from bitbuilder.hostshim.source.git import Checkout
 from bitbuilder.hostshim.source.layout import load_layout
+from bitbuilder.hostshim.state.settings import with_saved_settings
 from bitbuilder.hostshim.state.store import Intent, StateStore
 
 log = logging.getLogger("bitbuilder.hostshim.restore")
@@ -49,6 +50,12 @@ def restore(config: ShimConfig, name: str) -> str:
     return f"started at {applied.revision or 'no revision'} (leader pid {machine.leader_pid})"
 
 
+def restore_config(state_dir: Path, runtime_dir: Path, executor: str) -> ShimConfig:
+    """The shim's dirs as given, its machine settings as the shim last saved them."""
+    base = ShimConfig(state_dir=state_dir, runtime_dir=runtime_dir, executor=executor)
+    return with_saved_settings(base)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bitbuilder-hostshim-restore", description=__doc__)
     parser.add_argument("name", type=checked_name)
@@ -57,9 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--executor", choices=("auto", "direct", "systemd"), default="auto")
     args = parser.parse_args(argv)
     logging.basicConfig(level="INFO", format="%(levelname)s %(name)s: %(message)s")
-    config = ShimConfig(
-        state_dir=args.state_dir, runtime_dir=args.runtime_dir, executor=args.executor
-    )
+    config = restore_config(args.state_dir, args.runtime_dir, args.executor)
     try:
         log.info("tenant %s: %s", args.name, restore(config, args.name))
     except ShimError as exc:

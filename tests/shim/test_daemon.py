@@ -9,7 +9,7 @@ import socket
 import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +18,7 @@ import pytest
 
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.main import main, parse_args
+from bitbuilder.hostshim.systemd.restore import restore_config
 from tests.helpers.gitserve import TenantRepo
 from tests.helpers.wait import wait_for
 from tests.shim.conftest import RealShim, real_config
@@ -42,9 +43,12 @@ os.execv(sys.argv[2], sys.argv[2:])
 
 @contextmanager
 def daemon(
-    config: ShimConfig, log: Path, activated: socket.socket | None = None
+    config: ShimConfig,
+    log: Path,
+    activated: socket.socket | None = None,
+    extra: Sequence[str] = (),
 ) -> Iterator[subprocess.Popen[bytes]]:
-    argv = daemon_argv(config)
+    argv = [*daemon_argv(config), *extra]
     passed: tuple[int, ...] = ()
     if activated is not None:  # what systemd does: the socket as fd 3, LISTEN_PID = the service
         passed = (activated.fileno(),)
@@ -73,6 +77,23 @@ def test_daemon_serves_then_stops_on_sigterm(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(30) == 0
     assert not config.socket_path.exists()
+
+
+def test_boot_restore_uses_the_machine_settings_the_shim_ran_with(tmp_path: Path) -> None:
+    """setup-tenant@ runs restore without the shim's flags: it used to restore a tenant with a
+    1Gi memory limit and an 8Gi disk whatever the shim was started with."""
+    config = real_config(tmp_path)
+    built_in = restore_config(config.state_dir, config.runtime_dir, "direct")  # nothing saved
+    assert built_in.default_memory_bytes == ShimConfig.default_memory_bytes
+    assert built_in.tenant_disk_bytes == ShimConfig.tenant_disk_bytes
+    flags = ["--default-memory", "0", "--tenant-disk-size", "128Mi"]
+    with daemon(config, tmp_path / "shim.log", extra=flags):
+        restored = restore_config(config.state_dir, config.runtime_dir, "direct")
+    assert restored.default_memory_bytes is None
+    assert restored.tenant_disk_bytes == 128 << 20
+    (config.state_dir / "shim-settings.json").write_text("{garbage")
+    fallback = restore_config(config.state_dir, config.runtime_dir, "direct")
+    assert fallback.default_memory_bytes == ShimConfig.default_memory_bytes
 
 
 def test_daemon_uses_a_socket_systemd_passed(tmp_path: Path) -> None:
