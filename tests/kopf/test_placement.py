@@ -1,10 +1,13 @@
-"""A fleet of two nodes: two operators, each driving its own real host shim (own state, runtime
-and socket dirs, so its own cgroup and link names) with real nspawn machines, against the
-emulated API; the stand-in scheduler binds reservation pods as kube-scheduler would."""
+"""A fleet of two nodes: two operators, each driving its own real host shim (its own network
+namespace, state, runtime and socket dirs, so its own cgroups, links and nftables) with real
+nspawn machines, against the emulated API; the stand-in scheduler binds reservation pods as
+kube-scheduler would."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -39,25 +42,50 @@ OTHER = "node2"
 ZONES = {NODE: "a", OTHER: "b"}
 
 
+@contextlib.contextmanager
+def network_namespace(name: str) -> Iterator[str]:
+    """A node's own network namespace (its loopback up), deleted with whatever is left in it."""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, busybox_rootfs: Path, kube: Kube) -> Iterator[dict[str, Host]]:
-    """node1 (zone a, from the api fixture) and node2 (zone b), each with its own shim (and
-    git daemon: the tenant repos live on node1's, both shims fetch from it)."""
+    """node1 (zone a, from the api fixture) and node2 (zone b), each with its own shim in its
+    own network namespace (so its own links, nftables and machine addresses). The tenant repos
+    live under node1's git folder; both shims read them as file:// repos, the way two hosts
+    would reach one git server."""
     kube.merge(f"/api/v1/nodes/{NODE}", {"metadata": {"labels": {"zone": "a"}}})
     add_node(kube, OTHER, zone="b")
     hosts: dict[str, Host] = {}
+    repos = tmp_path / NODE / "git"
     with contextlib.ExitStack() as stack:
         try:
             for node in (NODE, OTHER):
                 root = tmp_path / node
                 (root / "git").mkdir(parents=True)
                 server = stack.enter_context(git_daemon(root / "git"))
+                netns = stack.enter_context(network_namespace(f"bb-{tmp_path.name[-8:]}-{node}"))
                 hosts[node] = Host(root, server, busybox_rootfs)
-                hosts[node].start_shim()
+                hosts[node].start_shim("--file-source-root", str(repos), netns=netns)
+                shim_pid = hosts[node].procs.children[-1][1].pid
+                assert os.readlink(f"/proc/{shim_pid}/ns/net") == _netns_id(netns)
             yield hosts
         finally:
             for host in hosts.values():
                 host.teardown()
+
+
+def _netns_id(name: str) -> str:
+    return f"net:[{os.stat(f'/run/netns/{name}').st_ino}]"
+
+
+def repo_url(fleet: dict[str, Host], name: str) -> str:
+    return f"file://{fleet[NODE].git.base}/{name}.git"
 
 
 def running(host: Host, name: str) -> bool:
@@ -105,7 +133,7 @@ def test_placed_on_one_node_moved_and_replaced_never_two_copies(
     api: EmulatorThread, kube: Kube, fleet: dict[str, Host], kubectl: Kubectl
 ) -> None:
     fleet[NODE].tenant_repo("web", "v1")
-    url = fleet[NODE].url("web")
+    url = repo_url(fleet, "web")
     with (
         operator_thread(api.url, fleet[NODE].socket, NODE),
         operator_thread(api.url, fleet[OTHER].socket, OTHER),
@@ -179,7 +207,7 @@ def test_a_lost_node_returns_and_stops_its_stale_copy_and_deletion_survives_a_lo
     api: EmulatorThread, kube: Kube, fleet: dict[str, Host]
 ) -> None:
     fleet[NODE].tenant_repo("web", "v1")
-    url = fleet[NODE].url("web")
+    url = repo_url(fleet, "web")
     with operator_thread(api.url, fleet[OTHER].socket, OTHER):
         with operator_thread(api.url, fleet[NODE].socket, NODE):
             # Both nodes are empty: the stand-in scheduler takes the first by name.

@@ -68,10 +68,14 @@ class Host:
 
     # --- shim ---------------------------------------------------------------------------------
 
-    def start_shim(self, *flags: str) -> None:
+    def start_shim(self, *flags: str, netns: str | None = None) -> None:
+        """`netns`: run the shim (and so its machines and their links) in that network
+        namespace; its repos must then be file:// ones (git daemon listens on this loopback)."""
+        # nsenter, not `ip netns exec`: that one remounts /sys, hiding the cgroup file systems.
+        inside = ["nsenter", f"--net=/run/netns/{netns}"] if netns else []
         self.procs.start(
             "hostshim",
-            [str(BIN / "bitbuilder-hostshim"), "--state-dir", str(self.root / "shim"),
+            [*inside, str(BIN / "bitbuilder-hostshim"), "--state-dir", str(self.root / "shim"),
              "--runtime-dir", str(self.root / "run"), "--socket", str(self.socket),
              "--trusted-image-path", str(self.root / "images"), "--executor", "direct",
              "--drift-interval", "0", "--allow-source-network", "127.0.0.1/32", *flags],
