@@ -327,6 +327,16 @@ class ResourceLimits(WireModel):
     )
 
 
+def limit_bounds(field: str) -> tuple[int, int]:
+    """ResourceLimits' (ge, le) for `field`: every other check of a limit takes them from here."""
+    low = high = None
+    for rule in ResourceLimits.model_fields[field].metadata:
+        low = getattr(rule, "ge", low)
+        high = getattr(rule, "le", high)
+    assert isinstance(low, int) and isinstance(high, int), field
+    return low, high
+
+
 class PortForward(WireModel):
     port: int = Field(ge=1, le=65535, description="Port inside the machine.")
     host_port: int = Field(ge=1024, le=65535, description="Port on the host's loopback.")

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TextIO
 
-from bitbuilder.hostshim.api import parse_quantity
+from bitbuilder.hostshim.api import limit_bounds, parse_quantity
 from bitbuilder.hostshim.capabilities.report import host_report
 from bitbuilder.hostshim.config import (
     DEFAULT_RUNTIME_DIR,
@@ -65,11 +65,11 @@ def _bytes(text: str, least: int) -> int | None:
 
 
 def memory_quantity(text: str) -> int | None:
-    return _bytes(text, 16 << 20)
+    return _bytes(text, limit_bounds("memory_bytes")[0])
 
 
 def disk_quantity(text: str) -> int | None:
-    return _bytes(text, 64 << 20)
+    return _bytes(text, limit_bounds("disk_bytes")[0])
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

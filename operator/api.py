@@ -30,10 +30,10 @@ from bitbuilder.hostshim.api import (
     NetworkSpec,
     RepoPath,
     RepoSetting,
-    ResourceLimits,
     Runtime,
     Sha256Hex,
     WireModel,
+    limit_bounds,
     parse_quantity,
 )
 
@@ -151,7 +151,7 @@ class TenantResources(WireModel):
             ("memory", self.memory_bytes(), "bytes"),
             ("disk", self.disk_bytes(), "bytes"),
         ):
-            low, high = _bounds(f"{field}_{'millis' if unit == 'm' else unit}")
+            low, high = limit_bounds(f"{field}_{'millis' if unit == 'm' else unit}")
             if value is not None and not low <= value <= high:
                 shown = _show_millis if unit == "m" else _show_bytes
                 raise ValueError(
@@ -163,15 +163,6 @@ class TenantResources(WireModel):
 
 def _whole(value: str | int | None) -> int | None:
     return None if value is None else int(parse_quantity(value).to_integral_value())
-
-
-def _bounds(field: str) -> tuple[int, int]:
-    low = high = None
-    for rule in ResourceLimits.model_fields[field].metadata:
-        low = getattr(rule, "ge", low)
-        high = getattr(rule, "le", high)
-    assert isinstance(low, int) and isinstance(high, int), field
-    return low, high
 
 
 def _show_millis(millis: int) -> str:
