@@ -262,18 +262,24 @@ def test_new_revision_is_fetched_and_validated_before_the_old_machine_stops(
     assert seen_at_stop == [("web", c2)]
 
 
-def test_status_shows_updating_while_the_machine_is_replaced(fake_shim: FakeShim) -> None:
-    fake_shim.client.put(machine_spec())
-    fake_shim.remote.push(REPO_URL, "main", "c2")
+def gate_starts(fake_shim: FakeShim) -> tuple[threading.Event, threading.Event]:
+    """From now on a machine start sets `entered`, then waits (30 s at most) for `gate`."""
     entered, gate = threading.Event(), threading.Event()
     real_start = fake_shim.runner.start
 
-    def slow_start(spec: MachineSpec, checkout: Checkout | None) -> FakeMachine:
+    def gated_start(spec: MachineSpec, checkout: Checkout | None) -> FakeMachine:
         entered.set()
         gate.wait(30)
         return real_start(spec, checkout)
 
-    fake_shim.runner.start = slow_start  # type: ignore[method-assign]
+    fake_shim.runner.start = gated_start  # type: ignore[method-assign]
+    return entered, gate
+
+
+def test_status_shows_updating_while_the_machine_is_replaced(fake_shim: FakeShim) -> None:
+    fake_shim.client.put(machine_spec())
+    fake_shim.remote.push(REPO_URL, "main", "c2")
+    entered, gate = gate_starts(fake_shim)
     worker = threading.Thread(target=lambda: fake_shim.client.put(machine_spec()))
     worker.start()
     try:
@@ -305,15 +311,7 @@ def test_delete_never_removes_through_a_mount(fake_shim: FakeShim) -> None:
 
 def test_a_waiting_read_answers_when_the_phase_changes(fake_shim: FakeShim) -> None:
     assert status(fake_shim.client.put(machine_spec()).body).phase == "Running"
-    gate, entered = threading.Event(), threading.Event()
-    real_start = fake_shim.runner.start
-
-    def slow_start(spec: MachineSpec, checkout: Checkout | None) -> FakeMachine:
-        entered.set()
-        gate.wait(30)
-        return real_start(spec, checkout)
-
-    fake_shim.runner.start = slow_start  # type: ignore[method-assign]
+    entered, gate = gate_starts(fake_shim)
     fake_shim.remote.push(REPO_URL, "main", "c2")
     watched: list[object] = []
     watcher = threading.Thread(
