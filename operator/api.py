@@ -27,6 +27,7 @@ from bitbuilder.hostshim.api import (
     ExtensionRef,
     GitRef,
     GitUrl,
+    ImageVerify,
     NetworkSpec,
     RepoPath,
     RepoSetting,
@@ -41,6 +42,7 @@ GROUP = "bitbuilder.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
 KIND = "Tenant"
+URL_NEEDS_VERIFICATION = "image.url needs image.sha256 or image.verify: signature"
 PLURAL = "tenants"
 SINGULAR = "tenant"
 SHORT_NAMES = ["tn"]
@@ -114,14 +116,24 @@ class TenantImage(WireModel):
 
     name: DnsLabel = Field(description="Name of the image on the host.")
     url: Annotated[str, StringConstraints(max_length=2048)] | None = Field(
-        None, description="Import the image from this tarball URL when the host lacks it."
+        None,
+        description="Import the image from this URL (a tarball, or a raw disk image for VMs) "
+        "when the host lacks it.",
     )
-    sha256: Sha256Hex | None = Field(None, description="Digest the imported tarball must match.")
+    sha256: Sha256Hex | None = Field(None, description="Digest the imported file must match.")
+    verify: ImageVerify | None = Field(
+        None,
+        description="checksum (the default): the file must match sha256. signature: "
+        "SHA256SUMS beside the url, signed (SHA256SUMS.gpg) by a key the host trusts, must "
+        "list the file.",
+    )
 
     @model_validator(mode="after")
-    def _url_needs_digest(self) -> TenantImage:
-        if self.url is not None and self.sha256 is None:
-            raise ValueError("image.url needs image.sha256")
+    def _url_needs_verification(self) -> TenantImage:
+        if self.verify is not None and self.url is None:
+            raise ValueError("image.verify needs image.url")
+        if self.url is not None and self.sha256 is None and self.verify != ImageVerify.signature:
+            raise ValueError(URL_NEEDS_VERIFICATION)
         return self
 
 

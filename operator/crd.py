@@ -28,6 +28,7 @@ from bitbuilder.operator.api import (
     PLURAL,
     SHORT_NAMES,
     SINGULAR,
+    URL_NEEDS_VERIFICATION,
     VERSION,
     HostProfile,
     Tenant,
@@ -48,7 +49,12 @@ _RULES: dict[str, list[Schema]] = {
         }
     ],
     "TenantImage": [
-        {"rule": "!has(self.url) || has(self.sha256)", "message": "image.url needs image.sha256"}
+        {
+            "rule": "!has(self.url) || has(self.sha256) || "
+            "(has(self.verify) && self.verify == 'signature')",
+            "message": URL_NEEDS_VERIFICATION,
+        },
+        {"rule": "!has(self.verify) || has(self.url)", "message": "image.verify needs image.url"},
     ],
 }
 

@@ -206,4 +206,4 @@ def image_spec(tenant: Tenant) -> ImageSpec | None:
     image = tenant.spec.image
     if image.url is None:
         return None
-    return ImageSpec(url=image.url, sha256=image.sha256)
+    return ImageSpec(url=image.url, sha256=image.sha256, verify=image.verify)

@@ -161,6 +161,8 @@ def _tenant(**spec: Any) -> Obj:
 def test_cel_rules_hold_for_a_good_tenant(schema: Obj) -> None:
     source = {"url": "https://git.example.com/web.git", "ref": {"branch": "main"}}
     assert cel_violations(schema, _tenant(source=source)) == []
+    signed = {"name": "x", "url": "https://example.com/i.raw", "verify": "signature"}
+    assert cel_violations(schema, {**_tenant(), "spec": {"image": signed}}) == []
 
 
 @pytest.mark.parametrize(
@@ -186,7 +188,12 @@ def test_cel_rules_hold_for_a_good_tenant(schema: Obj) -> None:
         (
             {"spec": {"image": {"name": "x", "url": "https://example.com/i.tar"}}},
             "spec.image",
-            "image.url needs image.sha256",
+            "image.url needs image.sha256 or image.verify: signature",
+        ),
+        (
+            {"spec": {"image": {"name": "x", "verify": "signature"}}},
+            "spec.image",
+            "image.verify needs image.url",
         ),
     ],
 )

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from bitbuilder.hostshim.api import MachineSpec
+from bitbuilder.hostshim.api import ImageVerify, MachineSpec
 from bitbuilder.operator.api import validation_message
 from bitbuilder.operator.translate import (
     FileSecrets,
@@ -233,3 +233,15 @@ def test_image_import_only_for_urls() -> None:
         make_tenant(image={"name": "deb", "url": "https://i/deb.tar", "sha256": sha})
     )
     assert wanted is not None and wanted.url == "https://i/deb.tar" and wanted.sha256 == sha
+
+
+def test_image_with_signature_verification_needs_no_digest() -> None:
+    image = {"name": "deb", "url": "https://i/deb.raw", "verify": "signature"}
+    wanted = image_spec(make_tenant(image=image))
+    assert wanted is not None and wanted.verify == ImageVerify.signature and wanted.sha256 is None
+    for bad, message in (
+        ({"name": "deb", "url": "https://i/deb.raw"}, "image.sha256 or image.verify: signature"),
+        ({"name": "deb", "verify": "signature"}, "image.verify needs image.url"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            make_tenant(image=bad)
