@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import select
 import signal
 import subprocess
 import threading
@@ -28,6 +27,7 @@ from bitbuilder.hostshim.machine.cgroups import (
     machine_cgroups,
     signal_pid,
 )
+from bitbuilder.hostshim.machine.live import exited
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.timing import phase
 
@@ -98,8 +98,7 @@ def wait_exit(pid: int, timeout: float) -> bool:
     except ProcessLookupError:
         return True
     try:
-        ready, _, _ = select.select([fd], [], [], max(timeout, 0.0))
-        return bool(ready)
+        return exited(fd, timeout)
     finally:
         os.close(fd)
 

@@ -110,6 +110,23 @@ def openapi_document() -> dict[str, Any]:
             "schema": {"type": "string"},
         },
     ]
+    paging = [
+        {
+            "name": "limit",
+            "in": "query",
+            "required": False,
+            "description": "at most this many machines (1 to 10000), in name order; the reply's "
+            "continue is set when more follow.",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "continue",
+            "in": "query",
+            "required": False,
+            "description": "the continue value of the page before: the next page.",
+            "schema": {"type": "string"},
+        },
+    ]
     machine, image = _name_param("machine"), _name_param("image")
     host_layers = _name_param("host profile")
     prefix = f"/{API_VERSION}"
@@ -120,8 +137,9 @@ def openapi_document() -> dict[str, Any]:
         },
         f"{prefix}/machines": {
             "get": {
-                "summary": "All machines",
-                "responses": ok(MachineList, "Every machine's status."),
+                "summary": "All machines, or a page of them",
+                "parameters": paging,
+                "responses": ok(MachineList, "Every machine's status (or a page's).", "422"),
             }
         },
         f"{prefix}/machines/{{name}}": {
