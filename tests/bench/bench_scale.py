@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -29,7 +28,7 @@ from typing import Any
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.machine.cgroups import _unified_root
 from bitbuilder.hostshim.machine.executor import shim_scope
-from bitbuilder.hostshim.machine.network import link_name
+from bitbuilder.hostshim.machine.network import filter_entries, link_name
 from bitbuilder.operator.api import Tenant
 from bitbuilder.operator.shimclient import LIST_PAGE, ShimClient
 from bitbuilder.operator.translate import to_machine_spec
@@ -102,13 +101,11 @@ def leftovers(host: Host, names: list[str]) -> list[str]:
     scope = shim_scope(config)
     left = []
     links = set(Path("/sys/class/net").iterdir())
-    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     for name in names:
         ifname = link_name(scope, name)
         if Path("/sys/class/net", ifname) in links:
             left.append(f"link {ifname}")
-        if ifname in tables:
-            left.append(f"nft table of {ifname}")
+        left += [f"nftables: {entry}" for entry in filter_entries(ifname)]
     cgroups = _unified_root()
     group = cgroups / f"bitbuilder-{scope}" if cgroups else None
     if group is not None and group.is_dir():
