@@ -3,12 +3,21 @@
 nspawn creates the machine's network namespace (inside its user namespace) and moves the
 runner's veth peer into it; the runner names, addresses and raises it from outside, so the
 machine needs no DHCP client. Each link gets a /30 from the host-local pool: the host side is
-.1, the machine .2. An nftables table per link drops everything the machine sends to the host
-(except replies, and the host's own address on the link when allow_host is set) and every
-packet forwarded from or to the link, so no two tenant links are ever routed together and a
-machine reaches nothing beyond its link. (Root inside the machine may re-address its end;
-the filter keys on the interface, not the address, so that gains it nothing.) Port forwards
-are DNAT rules in the same table from the host's loopback to the machine's address.
+.1, the machine .2.
+
+One nftables table, `inet bitbuilder`, shared by every machine (and every shim) on the host,
+drops everything a machine sends to the host (except replies, and the host's own address on
+its link when allow_host is set) and every packet forwarded from or to a machine's link, so
+no two tenant links are ever routed together and a machine reaches nothing beyond its link.
+Its base chains look the packet's interface up in sets with one element per machine: a hash
+lookup however many machines run (a table per machine put every packet through two base
+chains per machine). (Root inside the machine may re-address its end; the filter keys on the
+interface, not the address, so that gains it nothing.) Port forwards are elements of a DNAT
+map from the host's loopback to the machine's address. A start adds its elements and a stop
+removes them, each in one `nft -f` transaction (a start's also declares the table and its
+rules, so they are there, and current, whatever happened to the table before). What a stop
+removes is read from the table, not from a record a crash may have lost; a link made by a
+shim from before the shared table loses its own table `inet bitbuilder_<link>` then too.
 """
 
 from __future__ import annotations
