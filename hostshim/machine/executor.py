@@ -13,7 +13,6 @@ import json
 import os
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +27,7 @@ from bitbuilder.hostshim.machine.cgroups import (
     signal_pid,
 )
 from bitbuilder.hostshim.machine.live import exited
+from bitbuilder.hostshim.machine.reaper import REAPER
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.timing import phase
 
@@ -158,7 +158,7 @@ class DirectExecutor:
             )
         # This shim reaps its own children; after a restart, init reaps the adopted ones.
         for child in (proc, reader):
-            threading.Thread(target=child.wait, name=f"reap-{name}", daemon=True).start()
+            REAPER.add(child)
         identity = self._await_exec(proc, argv)
         record = {
             "pid": proc.pid,
