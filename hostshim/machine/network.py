@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import ipaddress
 import json
+import logging
 import socket
 import subprocess
 import time
@@ -39,12 +40,18 @@ from typing import Any
 
 from bitbuilder.hostshim.api import NetworkSpec, PortForward
 from bitbuilder.hostshim.errors import HostError, MachineError
+from bitbuilder.hostshim.timing import phase
+
+log = logging.getLogger(__name__)
 
 DEFAULT_POOL = ipaddress.IPv4Network("10.250.0.0/16")
 # The pool is shared by every shim on the host (tests run several), so allocation is locked
 # host-wide and checked against the addresses actually configured.
 POOL_LOCK = Path("/run/lock/bitbuilder-netpool.lock")
 RESERVATIONS = Path("/run/lock/bitbuilder-netpool.d")
+# Each link's subnet by link name (`<ifname>` holding the subnet): a teardown finds its
+# reservation without reading every one. Apart from RESERVATIONS, which older shims read whole.
+LINKS = Path("/run/lock/bitbuilder-netpool.links")
 MACHINE_IFNAME = "host0"
 RESERVATION_GRACE = 300.0  # s; far longer than prepare_link -> configure_link in any start
 POOL_LOCK_TIMEOUT = 30.0  # s; the lock is held for a directory scan and a file write
@@ -202,11 +209,17 @@ def _pool_lock() -> Iterator[None]:
 
 
 def _used_networks() -> set[ipaddress.IPv4Network]:
-    entries = json.loads(_run(["ip", "-j", "-4", "addr", "show"], "cannot list addresses"))
+    """The networks the host routes (its addresses' prefixes and routed networks; not the
+    default route): a machine's subnet must not shadow one. Read from /proc/net/route (this
+    network namespace's main table): no process, and cheap with hundreds of links."""
     used = set()
-    for entry in entries:
-        for info in entry.get("addr_info", []):
-            used.add(ipaddress.IPv4Interface(f"{info['local']}/{info['prefixlen']}").network)
+    for line in Path("/proc/net/route").read_text().splitlines()[1:]:
+        fields = line.split()
+        destination, mask = (
+            ipaddress.IPv4Address(bytes.fromhex(f)[::-1]) for f in (fields[1], fields[7])
+        )
+        if int(mask):
+            used.add(ipaddress.IPv4Network(f"{destination}/{mask}", strict=False))
     return used
 
 
@@ -243,32 +256,43 @@ def _reservations() -> list[_Reservation]:
 
 
 def _reserved_networks() -> set[ipaddress.IPv4Network]:
-    """Subnets held for a link: it exists (maybe not addressed yet), or its start is still under
-    way. A reservation a crash left (and nobody tore down since) is cleared here, its filter
-    elements first: a port forward to its address must not reach the next holder of it."""
+    """Subnets held for a link: by the reservations' names alone (no file read per link)."""
     reserved = set()
+    with contextlib.suppress(FileNotFoundError):
+        for path in RESERVATIONS.iterdir():
+            with contextlib.suppress(ValueError):  # not a reservation
+                reserved.add(ipaddress.IPv4Network(f"{path.name}/30"))
+    return reserved
+
+
+def _sweep_stale() -> None:
+    """Clear the reservations a crash left (no link, older than any start takes), their filter
+    elements and tables first: a port forward to such an address must not reach the next
+    holder of it. Under the pool lock: at shim start, and when the pool is full."""
     now = time.time()
     for reservation in _reservations():
         if reservation.stale(now):
+            log.warning("clearing link %s's reservation left by a crash", reservation.ifname)
             _remove_filter(reservation.ifname)
+            (LINKS / reservation.ifname).unlink(missing_ok=True)
             reservation.path.unlink(missing_ok=True)
-        else:
-            reserved.add(reservation.subnet)
-    return reserved
+
+
+def sweep_stale_reservations() -> None:
+    with _pool_lock():
+        _sweep_stale()
 
 
 def _free_subnet(
     pool: ipaddress.IPv4Network, used: set[ipaddress.IPv4Network]
-) -> ipaddress.IPv4Network:
+) -> ipaddress.IPv4Network | None:
     # Machines' /30s are looked up, the few other networks compared: one pass, not pool x used.
     taken = {u for u in used if u.prefixlen == 30}
     others = [u for u in used if u.prefixlen != 30]
     for subnet in pool.subnets(new_prefix=30):
         if subnet not in taken and not any(subnet.overlaps(u) for u in others):
             return subnet
-    raise MachineError(
-        f"no free /30 left in the machine network pool {pool}", reason="NetworkFailed"
-    )
+    return None
 
 
 def _check_ports_unbound(ports: list[PortForward]) -> None:
@@ -404,22 +428,34 @@ def prepare_link(
     atomic by itself).
     """
     ifname = link_name(scope, name)
-    teardown_link(scope, name)
+    with phase(name, "network: teardown before"):
+        teardown_link(scope, name)
     _check_ports_unbound(spec.ports)
     used = _used_networks()  # the machines' own subnets are all reserved: read under the lock
-    with _pool_lock():
+    with phase(name, "network: pool lock, reserve"), _pool_lock(), phase(name, "network: reserve"):
         subnet = _free_subnet(pool, used | _reserved_networks())
-        # Held until the teardown has removed the link and its filter elements.
-        RESERVATIONS.mkdir(parents=True, exist_ok=True)
+        if subnet is None:
+            _sweep_stale()
+            subnet = _free_subnet(pool, used | _reserved_networks())
+        if subnet is None:
+            raise MachineError(
+                f"no free /30 left in the machine network pool {pool}", reason="NetworkFailed"
+            )
+        # Held until the teardown has removed the link and its filter elements; the index
+        # first, so a reservation always has one (an index alone is dropped by the teardown).
+        for folder in (LINKS, RESERVATIONS):
+            folder.mkdir(parents=True, exist_ok=True)
+        (LINKS / ifname).write_text(str(subnet.network_address))
         (RESERVATIONS / str(subnet.network_address)).write_text(ifname)
     host_ip, machine_ip = (str(h) for h in list(subnet.hosts())[:2])
     link = Link(ifname, MACHINE_IFNAME, f"{host_ip}/30", f"{machine_ip}/30")
     try:
-        _run(
-            ["nft", "-f", "-"],
-            "cannot install the link filter",
-            stdin=_BASE + _filter_elements(link, spec.allow_host, spec.ports),
-        )
+        with phase(name, "network: nft"):
+            _run(
+                ["nft", "-f", "-"],
+                "cannot install the link filter",
+                stdin=_BASE + _filter_elements(link, spec.allow_host, spec.ports),
+            )
     except MachineError as exc:
         teardown_link(scope, name)
         if spec.ports and "File exists" in exc.message:
@@ -446,7 +482,17 @@ def configure_link(link: Link, leader_pid: int) -> None:
 
 
 def _reservations_of(ifname: str) -> list[_Reservation]:
-    return [r for r in _reservations() if r.ifname == ifname]
+    """The link's reservation, by its index; a link an older shim made (it has no index) by
+    reading them all. Without either, the link has no reservation (a leftover of an older
+    shim's crash is swept at the next shim start)."""
+    try:
+        address = (LINKS / ifname).read_text().strip()
+    except FileNotFoundError:
+        if not Path("/sys/class/net", ifname).exists():
+            return []
+        return [r for r in _reservations() if r.ifname == ifname]
+    found = _Reservation.read(RESERVATIONS / address) if address else None
+    return [found] if found is not None and found.ifname == ifname else []
 
 
 def teardown_link(scope: str, name: str) -> None:
@@ -465,3 +511,4 @@ def teardown_link(scope: str, name: str) -> None:
         _quiet(["ip", "link", "del", ifname])
     for reservation in reservations:
         reservation.path.unlink(missing_ok=True)
+    (LINKS / ifname).unlink(missing_ok=True)

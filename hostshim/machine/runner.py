@@ -33,7 +33,13 @@ from bitbuilder.hostshim.machine.datadisk import mount_data, unmount_data
 from bitbuilder.hostshim.machine.executor import KILL_DEADLINE, Executor, shim_scope, wait_exit
 from bitbuilder.hostshim.machine.layers import layer_sources, machine_layers
 from bitbuilder.hostshim.machine.live import LiveMachines
-from bitbuilder.hostshim.machine.network import Link, configure_link, prepare_link, teardown_link
+from bitbuilder.hostshim.machine.network import (
+    Link,
+    configure_link,
+    prepare_link,
+    sweep_stale_reservations,
+    teardown_link,
+)
 from bitbuilder.hostshim.machine.runtime.nspawn import (
     InitKind,
     NspawnMachine,
@@ -308,6 +314,8 @@ class Runner:
         return machine
 
     def adopt(self) -> dict[str, RunningMachine]:
+        """The machines that run (at shim start), once leftovers of crashed starts are swept."""
+        sweep_stale_reservations()
         found = {}
         for name in self.executor.running():
             machine = self.inspect(name)
