@@ -255,13 +255,14 @@ def _reservations() -> list[_Reservation]:
     return [r for r in map(_Reservation.read, RESERVATIONS.iterdir()) if r is not None]
 
 
-def _reserved_networks() -> set[ipaddress.IPv4Network]:
-    """Subnets held for a link: by the reservations' names alone (no file read per link)."""
+def _reserved_subnets() -> set[int]:
+    """Subnets held for a link (their addresses as numbers): by the reservations' names alone,
+    no file read per link."""
     reserved = set()
     with contextlib.suppress(FileNotFoundError):
         for path in RESERVATIONS.iterdir():
             with contextlib.suppress(ValueError):  # not a reservation
-                reserved.add(ipaddress.IPv4Network(f"{path.name}/30"))
+                reserved.add(int(ipaddress.IPv4Address(path.name)))
     return reserved
 
 
@@ -286,12 +287,15 @@ def sweep_stale_reservations() -> None:
 def _free_subnet(
     pool: ipaddress.IPv4Network, used: set[ipaddress.IPv4Network]
 ) -> ipaddress.IPv4Network | None:
-    # Machines' /30s are looked up, the few other networks compared: one pass, not pool x used.
-    taken = {u for u in used if u.prefixlen == 30}
+    """The first /30 of the pool neither reserved nor overlapping a network in `used`.
+    Reserved ones are looked up as numbers, the few other networks compared: one pass."""
+    taken = _reserved_subnets() | {int(u.network_address) for u in used if u.prefixlen == 30}
     others = [u for u in used if u.prefixlen != 30]
-    for subnet in pool.subnets(new_prefix=30):
-        if subnet not in taken and not any(subnet.overlaps(u) for u in others):
-            return subnet
+    for address in range(int(pool.network_address), int(pool.broadcast_address), 4):
+        if address not in taken:
+            subnet = ipaddress.IPv4Network((address, 30))
+            if not any(subnet.overlaps(u) for u in others):
+                return subnet
     return None
 
 
@@ -433,10 +437,10 @@ def prepare_link(
     _check_ports_unbound(spec.ports)
     used = _used_networks()  # the machines' own subnets are all reserved: read under the lock
     with phase(name, "network: pool lock, reserve"), _pool_lock(), phase(name, "network: reserve"):
-        subnet = _free_subnet(pool, used | _reserved_networks())
+        subnet = _free_subnet(pool, used)
         if subnet is None:
             _sweep_stale()
-            subnet = _free_subnet(pool, used | _reserved_networks())
+            subnet = _free_subnet(pool, used)
         if subnet is None:
             raise MachineError(
                 f"no free /30 left in the machine network pool {pool}", reason="NetworkFailed"
