@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,7 +28,7 @@ from pathlib import Path
 from bitbuilder.hostshim.api import ImageStatus, ImageType, MachineSpec, NetworkMode, Runtime
 from bitbuilder.hostshim.capabilities.report import runtime_refusal
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.errors import MachineError, ShimError
 from bitbuilder.hostshim.images.store import ImageStore
 from bitbuilder.hostshim.machine.datadisk import mount_data, unmount_data
 from bitbuilder.hostshim.machine.executor import KILL_DEADLINE, Executor, shim_scope, wait_exit
@@ -36,6 +37,7 @@ from bitbuilder.hostshim.machine.live import LiveMachines
 from bitbuilder.hostshim.machine.network import (
     Link,
     configure_link,
+    install_table,
     prepare_link,
     sweep_stale_reservations,
     teardown_link,
@@ -55,6 +57,8 @@ from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
 from bitbuilder.hostshim.source.git import Checkout
 from bitbuilder.hostshim.timing import phase
+
+log = logging.getLogger(__name__)
 
 RECORD = "machine.json"
 CONSOLE_LOG = "console.log"
@@ -314,8 +318,13 @@ class Runner:
         return machine
 
     def adopt(self) -> dict[str, RunningMachine]:
-        """The machines that run (at shim start), once leftovers of crashed starts are swept."""
+        """The machines that run (at shim start), once leftovers of crashed starts are swept
+        and the shared filter table has this shim's rules."""
         sweep_stale_reservations()
+        try:
+            install_table()
+        except ShimError as exc:  # nft missing, say: each start reports it where it matters
+            log.warning("%s", exc.message)
         found = {}
         for name in self.executor.running():
             machine = self.inspect(name)
