@@ -456,6 +456,11 @@ class MachineStatus(WireModel):
 
 class MachineList(WireModel):
     items: list[MachineStatus]
+    continue_: str | None = Field(
+        None,
+        alias="continue",
+        description="More machines follow: ask again with this as `continue` (same `limit`).",
+    )
 
 
 # --- images ----------------------------------------------------------------------------------

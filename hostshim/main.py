@@ -11,6 +11,7 @@ import asyncio
 import fcntl
 import ipaddress
 import logging
+import resource
 import signal
 import socket
 import sys
@@ -232,6 +233,14 @@ def check(output: str) -> int:
     return 0 if report.containers_ok else 1
 
 
+def raise_fd_limit() -> None:
+    """Soft open-files limit up to the hard one: the shim keeps pidfds per running machine
+    (liveness, reaping) and uses poll, never select. Its machines do not inherit it: nspawn
+    sets a container's soft limit back to 1024."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.check:
@@ -241,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     config = config_from(args)
+    raise_fd_limit()
     # The state (credentials, tenant data) is root's alone; the runtime dir holds the socket,
     # which allowed non-root callers must be able to reach.
     try:

@@ -27,6 +27,7 @@ from bitbuilder.hostshim.api import (
 )
 
 DEFAULT_SOCKET = Path("/run/bitbuilder/hostshim.sock")
+LIST_PAGE = 100  # machines per list request
 M = TypeVar("M", bound=BaseModel)
 
 
@@ -154,8 +155,21 @@ class ShimClient:
                 return None
             raise
 
-    async def machines(self) -> list[MachineStatus]:
-        return (await self._typed(MachineList, "GET", "/machines")).items
+    async def machines(self, page: int = LIST_PAGE) -> list[MachineStatus]:
+        """Every machine, asked for `page` at a time (each reply stays small at any count)."""
+        machines: list[MachineStatus] = []
+        after = None
+        while True:
+            listed = await self.machines_page(page, after)
+            machines += listed.items
+            if listed.continue_ is None:
+                return machines
+            after = listed.continue_
+
+    async def machines_page(self, limit: int, after: str | None = None) -> MachineList:
+        """At most `limit` machines named after `after`; its continue_ starts the next page."""
+        params = {"limit": str(limit)} | ({"continue": after} if after is not None else {})
+        return await self._typed(MachineList, "GET", "/machines", params=params)
 
     async def delete(self, name: str, keep_data: bool = False) -> bool:
         """Stop and remove the machine; False if it did not exist."""

@@ -11,10 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import select
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Protocol
@@ -28,6 +26,8 @@ from bitbuilder.hostshim.machine.cgroups import (
     machine_cgroups,
     signal_pid,
 )
+from bitbuilder.hostshim.machine.live import exited
+from bitbuilder.hostshim.machine.reaper import REAPER
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.timing import phase
 
@@ -98,8 +98,7 @@ def wait_exit(pid: int, timeout: float) -> bool:
     except ProcessLookupError:
         return True
     try:
-        ready, _, _ = select.select([fd], [], [], max(timeout, 0.0))
-        return bool(ready)
+        return exited(fd, timeout)
     finally:
         os.close(fd)
 
@@ -159,7 +158,7 @@ class DirectExecutor:
             )
         # This shim reaps its own children; after a restart, init reaps the adopted ones.
         for child in (proc, reader):
-            threading.Thread(target=child.wait, name=f"reap-{name}", daemon=True).start()
+            REAPER.add(child)
         identity = self._await_exec(proc, argv)
         record = {
             "pid": proc.pid,

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import uuid
+from bisect import bisect_right
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -36,11 +37,13 @@ from bitbuilder.hostshim.machine.machine_step import MachineStep
 from bitbuilder.hostshim.machine.parts import (
     ImagesLike,
     LayoutLoader,
+    MachineInfo,
     RunnerLike,
     SourceFactory,
     TreeCheck,
 )
 from bitbuilder.hostshim.machine.source_step import SourceStep
+from bitbuilder.hostshim.machine.statuscache import CachedStatus, StatusCache
 from bitbuilder.hostshim.paths import TenantPaths, checked_name
 from bitbuilder.hostshim.state.store import (
     Intent,
@@ -98,6 +101,7 @@ class MachineManager:
         self._locks: dict[str, threading.Lock] = {}
         self._locks_guard = threading.Lock()
         self._states_guard = threading.Lock()  # the dicts above change while status is read
+        self._statuses = StatusCache()
 
     # --- locking and persistence ----------------------------------------------------------
 
@@ -110,7 +114,11 @@ class MachineManager:
         snapshot = state.model_copy(deep=True)
         with self._states_guard:
             self._states[state.name] = snapshot
-        self.on_change(state.name)
+        self._changed(state.name)
+
+    def _changed(self, name: str) -> None:
+        self._statuses.changed(name)
+        self.on_change(name)
 
     def _names(self) -> list[str]:
         with self._states_guard:
@@ -120,18 +128,18 @@ class MachineManager:
         with self._states_guard:
             self._states.pop(name, None)
             self._broken.pop(name, None)
-        self.on_change(name)
+        self._changed(name)
 
     @contextmanager
     def _phase(self, name: str, busy: MachinePhase) -> Iterator[None]:
         """Show a transient phase (Starting, Updating) to status readers while work runs."""
         self._busy[name] = busy
-        self.on_change(name)
+        self._changed(name)
         try:
             yield
         finally:
             self._busy.pop(name, None)
-            self.on_change(name)
+            self._changed(name)
 
     def _stored_state(self, name: str) -> TenantState | None:
         """The last saved state, shared: for reads only (a save replaces it, never changes it).
@@ -207,7 +215,7 @@ class MachineManager:
             state.intent = Intent.apply
             self._save(state)
             self._reconcile_and_save(state)
-            return self._status(state)
+            return self._status_now(state.name)
 
     def _reconcile_and_save(self, state: TenantState) -> None:
         try:
@@ -229,21 +237,50 @@ class MachineManager:
     # --- reads -----------------------------------------------------------------------------
 
     def get(self, name: str) -> MachineStatus:
-        state = self._stored_state(checked_name(name))
-        if state is None:
+        return self.get_cached(name).status
+
+    def get_cached(self, name: str) -> CachedStatus:
+        checked_name(name)
+        if name in self._broken:
+            raise self._broken[name]
+        entry = self._cached(name)
+        if entry is None:
             raise NotFound(f"machine {name!r} not found")
-        return self._status(state)
+        return entry
 
     def list_machines(self) -> list[MachineStatus]:
-        statuses = []
-        for name in self._names():
-            state = self._stored_state(name) if name not in self._broken else None
-            if state is not None:
-                statuses.append(self._status(state))
-        return statuses
+        return [entry.status for entry in self.list_page()[0]]
 
-    def _status(self, state: TenantState) -> MachineStatus:
-        running = self.runner.inspect(state.name)
+    def list_page(
+        self, after: str | None = None, limit: int | None = None
+    ) -> tuple[list[CachedStatus], str | None]:
+        """The statuses of the tenants named after `after` (in name order), at most `limit`;
+        and the name to continue after when more are left (else None)."""
+        names = [n for n in self._names() if n not in self._broken]
+        rest = names[bisect_right(names, after) :] if after is not None else names
+        page = rest[:limit] if limit is not None else rest
+        entries = [e for e in map(self._cached, page) if e is not None]
+        more = limit is not None and len(rest) > limit
+        return entries, page[-1] if more else None
+
+    def _cached(self, name: str) -> CachedStatus | None:
+        """The tenant's status, made again only after a change (None: no such tenant)."""
+        version = self._statuses.version(name)  # first: see StatusCache.version
+        machine = self.runner.inspect(name)
+        entry = self._statuses.lookup(name, machine)
+        if entry is not None:
+            return entry
+        state = self._stored_state(name)
+        if state is None:
+            return None
+        return self._statuses.store(name, version, machine, self._status(state, machine))
+
+    def _status_now(self, name: str) -> MachineStatus:
+        entry = self._cached(name)
+        assert entry is not None, "called with the tenant's lock held, its state saved"
+        return entry.status
+
+    def _status(self, state: TenantState, running: MachineInfo | None) -> MachineStatus:
         applied = state.applied
         return MachineStatus(
             name=state.name,
@@ -325,10 +362,10 @@ class MachineManager:
                 state.intent = Intent.apply
                 self._save(state)
                 self._reconcile_and_save(state)
-                return self._status(state)
+                return self._status_now(name)
             self.machine.restart_applied(state, MachinePhase.starting)
             self._save(state)
-            return self._status(state)
+            return self._status_now(name)
 
     # --- drift -----------------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -27,12 +28,20 @@ from pathlib import Path
 from bitbuilder.hostshim.api import ImageStatus, ImageType, MachineSpec, NetworkMode, Runtime
 from bitbuilder.hostshim.capabilities.report import runtime_refusal
 from bitbuilder.hostshim.config import ShimConfig
-from bitbuilder.hostshim.errors import MachineError
+from bitbuilder.hostshim.errors import MachineError, ShimError
 from bitbuilder.hostshim.images.store import ImageStore
 from bitbuilder.hostshim.machine.datadisk import mount_data, unmount_data
 from bitbuilder.hostshim.machine.executor import KILL_DEADLINE, Executor, shim_scope, wait_exit
 from bitbuilder.hostshim.machine.layers import layer_sources, machine_layers
-from bitbuilder.hostshim.machine.network import Link, configure_link, prepare_link, teardown_link
+from bitbuilder.hostshim.machine.live import LiveMachines
+from bitbuilder.hostshim.machine.network import (
+    Link,
+    configure_link,
+    install_table,
+    prepare_link,
+    sweep_stale_reservations,
+    teardown_link,
+)
 from bitbuilder.hostshim.machine.runtime.nspawn import (
     InitKind,
     NspawnMachine,
@@ -48,6 +57,8 @@ from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
 from bitbuilder.hostshim.source.git import Checkout
 from bitbuilder.hostshim.timing import phase
+
+log = logging.getLogger(__name__)
 
 RECORD = "machine.json"
 CONSOLE_LOG = "console.log"
@@ -139,6 +150,7 @@ class Runner:
         self.pool = ipaddress.IPv4Network(config.machine_network_pool)
         self._guard = threading.Lock()
         self._locks: dict[str, threading.RLock] = {}
+        self._live: LiveMachines[RunningMachine] = LiveMachines()
 
     def _lock(self, name: str) -> threading.RLock:
         """One lock per machine: start, stop and remove_data of one name never interleave."""
@@ -204,7 +216,14 @@ class Runner:
             with phase(spec.name, "network: configure inside"):
                 configure_link(link, leader)
         address = link.address if link else None
-        return RunningMachine(spec.name, leader, started_at, address, revision)
+        running = RunningMachine(spec.name, leader, started_at, address, revision)
+        self._remember(running, pid, self._live.generation(spec.name))
+        return running
+
+    def _remember(self, machine: RunningMachine, pid: int, generation: int) -> None:
+        self._live.put(
+            machine.name, machine, pid, generation, lambda: self.executor.pid(machine.name) == pid
+        )
 
     def _mount_root(self, paths: TenantPaths, rootfs: Path) -> Path:
         upper, work, root = paths.data / "upper", paths.data / "work", paths.run / "root"
@@ -272,6 +291,12 @@ class Runner:
     # --- queries ---------------------------------------------------------------------------
 
     def inspect(self, name: str) -> RunningMachine | None:
+        """The running machine: the same object for as long as its process lives (a status
+        read checks liveness with one poll); read from the records when not known yet."""
+        known = self._live.get(name)
+        if known is not None:
+            return known
+        generation = self._live.generation(name)  # before the reads: a stop meanwhile wins
         pid = self.executor.pid(name)
         if pid is None:
             return None
@@ -280,15 +305,26 @@ class Runner:
         except FileNotFoundError:
             return None
         link = Link.from_json(record["link"]) if record.get("link") else None
-        return RunningMachine(
+        leader = find_leader(pid)
+        machine = RunningMachine(
             name=name,
-            leader_pid=find_leader(pid) or pid,
+            leader_pid=leader or pid,
             started_at=datetime.fromisoformat(record["startedAt"]),
             address=link.address if link else None,
             revision=record.get("revision"),
         )
+        if leader is not None:  # before init runs, the leader is still to be found
+            self._remember(machine, pid, generation)
+        return machine
 
     def adopt(self) -> dict[str, RunningMachine]:
+        """The machines that run (at shim start), once leftovers of crashed starts are swept
+        and the shared filter table has this shim's rules."""
+        sweep_stale_reservations()
+        try:
+            install_table()
+        except ShimError as exc:  # nft missing, say: each start reports it where it matters
+            log.warning("%s", exc.message)
         found = {}
         for name in self.executor.running():
             machine = self.inspect(name)
@@ -302,6 +338,7 @@ class Runner:
         """Power the machine off and remove everything its run created; keeps its data."""
         paths = TenantPaths(self.config, name)
         with self._lock(name):
+            self._live.forget(name)
             with phase(name, "stop: machine"):
                 self._power_off(name, paths)
                 self.executor.terminate(name, STOP_TIMEOUT)
@@ -314,6 +351,7 @@ class Runner:
                     if entry.name == CONSOLE_LOG:
                         continue
                     _remove(entry)
+            self._live.forget(name)  # again: a read during the stop may have seen it alive
 
     def _power_off(self, name: str, paths: TenantPaths) -> None:
         """Power a busybox-style machine off without its init's fixed pauses (2 s of its 2.1):

@@ -34,7 +34,6 @@ from bitbuilder.hostshim.api import (
     HostLayersSpec,
     ImageList,
     ImageSpec,
-    MachineList,
     MachinePhase,
     MachineSpec,
 )
@@ -54,6 +53,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _LABEL = re.compile(DNS1123_LABEL_PATTERN)
 _MAX_ERRORS_SHOWN = 5
 MAX_WAIT = 60.0  # seconds a machine read may wait for a change (?wait=)
+MAX_PAGE = 10_000  # machines in one list page (?limit=)
 
 
 class ApiProblem(Exception):
@@ -215,6 +215,34 @@ def _wait_param(params: dict[str, str]) -> float:
     return seconds
 
 
+def _limit_param(params: dict[str, str]) -> int | None:
+    text = params.get("limit")
+    if text is None:
+        return None
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        raise ApiProblem(
+            422, "ValidationFailed", f"limit: a number from 1 to {MAX_PAGE}, not {text!r}", "limit"
+        )
+    return int(text)
+
+
+def _continue_param(params: dict[str, str]) -> str | None:
+    """The `continue` of the page before: the machine name the next page starts after."""
+    text = params.get("continue")
+    if text is not None and (len(text) > 63 or not _LABEL.fullmatch(text)):
+        raise ApiProblem(
+            422,
+            "ValidationFailed",
+            "continue: give the continue value of the page before",
+            "continue",
+        )
+    return text
+
+
+def _json_reply(body: bytes) -> web.Response:
+    return web.Response(body=body, content_type="application/json")
+
+
 def _phases_param(params: dict[str, str]) -> set[MachinePhase]:
     phases = set()
     for text in filter(None, params.get("unlessPhase", "").split(",")):
@@ -359,9 +387,13 @@ class ShimApp:
         return web.json_response(openapi_document())
 
     async def list_machines(self, request: web.Request) -> web.Response:
-        _query(request)
-        items = await self.read(self.manager.list_machines)
-        return web.json_response(MachineList(items=items).wire())
+        """Every machine, or a page of them (`limit`, then `continue` as the reply gave it).
+        Each status's JSON is kept from its last change, so the reply is joined, not made."""
+        params = _query(request, ("limit", "continue"))
+        limit, after = _limit_param(params), _continue_param(params)
+        entries, more = await self.read(self.manager.list_page, after, limit)
+        tail = b',"continue":' + json.dumps(more).encode() if more is not None else b""
+        return _json_reply(b'{"items":[' + b",".join(e.body for e in entries) + b"]" + tail + b"}")
 
     async def get_machine(self, request: web.Request) -> web.Response:
         """The status; with ?wait=S&unlessPhase=A,B it is pushed: the reply comes once the
@@ -375,13 +407,14 @@ class ShimApp:
         while True:
             changed = self._changed.setdefault(name, asyncio.Event())  # before the read: no
             try:  # change between the read and the wait is missed
-                status = await self.read(self.manager.get, name)
+                entry = await self.read(self.manager.get_cached, name)
             except NotFound:
                 if loop.time() >= deadline:
                     raise
             else:
-                if status.phase not in unless or loop.time() >= deadline or self._closing.is_set():
-                    return web.json_response(status.wire())
+                phase = entry.status.phase
+                if phase not in unless or loop.time() >= deadline or self._closing.is_set():
+                    return _json_reply(entry.body)
             if request.transport is None or request.transport.is_closing():
                 raise web.HTTPNoContent()  # the caller has gone (its PUT answered first)
             # Woken by the change, by shutdown, or each second to see if the caller is still there.

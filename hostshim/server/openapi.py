@@ -93,23 +93,21 @@ def openapi_document() -> dict[str, Any]:
         "description": "true/false: keep the machine's data (default: the spec's keepDataOnDelete).",
         "schema": {"type": "string", "enum": ["true", "false"]},
     }
+
+    def query(name: str, description: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "description": description,
+                "schema": {"type": "string"}}  # fmt: skip
+
     waiting = [
-        {
-            "name": "wait",
-            "in": "query",
-            "required": False,
-            "description": "seconds (at most 60) to wait for the phase to be none of unlessPhase; "
-            "the reply comes at that change, or when the time is up (default 0: at once).",
-            "schema": {"type": "string"},
-        },
-        {
-            "name": "unlessPhase",
-            "in": "query",
-            "required": False,
-            "description": "comma-separated phases to wait out (with wait).",
-            "schema": {"type": "string"},
-        },
-    ]
+        query("wait", "seconds (at most 60) to wait for the phase to be none of unlessPhase; "
+              "the reply comes at that change, or when the time is up (default 0: at once)."),
+        query("unlessPhase", "comma-separated phases to wait out (with wait)."),
+    ]  # fmt: skip
+    paging = [
+        query("limit", "at most this many machines (1 to 10000), in name order; the reply's "
+              "continue is set when more follow."),
+        query("continue", "the continue value of the page before: the next page."),
+    ]  # fmt: skip
     machine, image = _name_param("machine"), _name_param("image")
     host_layers = _name_param("host profile")
     prefix = f"/{API_VERSION}"
@@ -120,8 +118,9 @@ def openapi_document() -> dict[str, Any]:
         },
         f"{prefix}/machines": {
             "get": {
-                "summary": "All machines",
-                "responses": ok(MachineList, "Every machine's status."),
+                "summary": "All machines, or a page of them",
+                "parameters": paging,
+                "responses": ok(MachineList, "Every machine's status (or a page's).", "422"),
             }
         },
         f"{prefix}/machines/{{name}}": {

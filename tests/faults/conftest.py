@@ -4,7 +4,7 @@ loopback, real nspawn machines from the busybox image.
 
 Every case ends by deleting its tenants through the shim and stopping it; the fixture then
 checks that nothing of theirs is left on the host (processes, mounts, cgroups, links, nftables
-tables) before it force-cleans whatever a failed case left, so the next case starts clean.
+elements) before it force-cleans whatever a failed case left, so the next case starts clean.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.machine.executor import shim_scope
-from bitbuilder.hostshim.machine.network import link_name
+from bitbuilder.hostshim.machine.network import filter_entries, link_name
 from bitbuilder.hostshim.paths import TenantPaths
 from tests.helpers.gitserve import Content, Server, TenantRepo, git_daemon
 from tests.helpers.needs import needs_root_and
@@ -166,7 +166,7 @@ def leftovers(
     config: ShimConfig, root: Path, names: Collection[str], shim: int | None = None
 ) -> list[str]:
     """What machines of the shim over `config` left on the host: processes naming its dirs
-    (but the shim's own), mounts under `root`, its cgroups, and the links and nftables tables
+    (but the shim's own), mounts under `root`, its cgroups, and the links and nftables elements
     of the tenants `names`."""
     found = []
     marks = (str(config.runtime_dir), str(config.state_dir))
@@ -180,13 +180,11 @@ def leftovers(
     for depth in range(1, 6):
         pattern = "/sys/fs/cgroup/" + "*/" * depth + f"bitbuilder-{scope}"
         found += [f"cgroup {d}" for d in glob.glob(pattern)]
-    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
     for name in sorted(names):
         ifname = link_name(scope, name)
         if Path(f"/sys/class/net/{ifname}").exists():
             found.append(f"link {ifname} ({name})")
-        if ifname in tables:
-            found.append(f"nftables table of {ifname} ({name})")
+        found += [f"nftables: {entry} ({name})" for entry in filter_entries(ifname)]
     return found
 
 

@@ -19,7 +19,7 @@ NAMES = [f"t{i:02d}" for i in range(30)]
 
 
 def _network(name: str) -> dict[str, str]:
-    """Every third tenant on its own link (links and nft tables to leave behind), the rest
+    """Every third tenant on its own link (links and nft elements to leave behind), the rest
     loopback only (cheaper on a 2-core CI host)."""
     return {"mode": "isolated" if int(name[1:]) % 3 == 0 else "none"}
 

@@ -25,7 +25,7 @@ from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.images.store import ImageStore
 from bitbuilder.hostshim.machine.cgroups import MachineCgroups
 from bitbuilder.hostshim.machine.executor import DirectExecutor, in_cgroups, shim_scope
-from bitbuilder.hostshim.machine.network import link_name
+from bitbuilder.hostshim.machine.network import filter_entries, link_name
 from bitbuilder.hostshim.machine.runner import Runner, RunningMachine
 from bitbuilder.hostshim.source.git import Checkout
 from tests.helpers.needs import needs_root_and
@@ -101,8 +101,7 @@ def assert_gone(left: Leftovers) -> None:
     assert not [d for d in left.cgroups.dirs if d.exists()], "cgroups survive stop"
     assert not os.path.ismount(left.root_mount), "root overlay still mounted"
     assert not Path(f"/sys/class/net/{left.ifname}").exists(), "host link survives stop"
-    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True).stdout
-    assert left.ifname not in tables, "link filter table survives stop"
+    assert not filter_entries(left.ifname), "link filter elements survive stop"
 
 
 def make_shim(root: Path, rootfs: Path, **config_overrides: Any) -> Shim:

@@ -78,9 +78,9 @@ _READ_ONLY_PROC_SYS = (
 _SET = """
 import sys
 from bitbuilder.hostshim.errors import HostError
-from bitbuilder.hostshim.machine.network import set_sysctl
+from bitbuilder.hostshim.machine.network import Link, configure_inside
 try:
-    set_sysctl("net.ipv6.conf.all.disable_ipv6", "1", netns_of=int(sys.argv[1]))
+    configure_inside(Link("bbx", "host0", "10.9.0.1/30", "10.9.0.2/30"), int(sys.argv[1]))
 except HostError as exc:
     print(exc.reason, exc.message)
 """

@@ -190,6 +190,34 @@ def test_list_machines(fake_shim: FakeShim) -> None:
     assert items["b"]["phase"] == "Running" and "appliedRevision" not in items["b"]
 
 
+def test_list_machines_in_pages(fake_shim: FakeShim) -> None:
+    """limit/continue walk every machine once, in name order; a status is made again when the
+    machine changes behind the shim (here: dies), though nothing was saved."""
+    for name in ("e", "b", "d", "a", "c"):
+        fake_shim.client.put(machine_spec(name, source=None))
+    seen, query, pages = [], "?limit=2", 0
+    while True:
+        reply = fake_shim.client.request("GET", f"/v1/machines{query}")
+        assert reply.status == 200 and len(reply.body["items"]) <= 2
+        seen += [i["name"] for i in reply.body["items"]]
+        pages += 1
+        if "continue" not in reply.body:
+            break
+        query = f"?limit=2&continue={reply.body['continue']}"
+    assert seen == ["a", "b", "c", "d", "e"] and pages == 3
+    last = fake_shim.client.request("GET", "/v1/machines?limit=5").body
+    assert len(last["items"]) == 5 and "continue" not in last
+    fake_shim.runner.kill("c")
+    listed = fake_shim.client.request("GET", "/v1/machines?limit=1&continue=b").body
+    assert [(i["name"], i["phase"]) for i in listed["items"]] == [("c", "Pending")]
+    assert listed["continue"] == "c"
+    assert fake_shim.client.get("c").body["phase"] == "Pending"
+    for query, field in (("limit=0", "limit"), ("limit=x", "limit"), ("limit=10001", "limit"),
+                         ("continue=..", "continue"), ("continue=" + "a" * 64, "continue")):  # fmt: skip
+        refused = fake_shim.client.request("GET", f"/v1/machines?{query}")
+        assert (refused.status, refused.body["field"]) == (422, field), query
+
+
 def test_images_put_get_list(fake_shim: FakeShim) -> None:
     reply = fake_shim.client.request("PUT", "/v1/images/alpine", {"path": "/srv/images/alpine"})
     assert reply.status == 200 and reply.body["name"] == "alpine"

@@ -159,6 +159,22 @@ def test_drift_machine_killed_is_restarted(shim: RealShim, tmp_path: Path) -> No
     assert motd(now) == "v1\n"
 
 
+def test_a_machine_that_died_is_not_shown_running(shim: RealShim, tmp_path: Path) -> None:
+    """Statuses are kept from one change to the next; a machine that exits on its own (no
+    change the shim made) is shown as it is at the next read, in a list as in a get."""
+    first = put(shim, spec("web", make_repo(tmp_path, "web", "v1\n")))
+    listed = shim.client.request("GET", "/v1/machines").body["items"]
+    assert [(m["phase"], m["leaderPid"]) for m in listed] == [("Running", first.leader_pid)]
+    assert first.leader_pid is not None
+    nspawn = shim.manager.runner.executor.pid("web")  # type: ignore[attr-defined]
+    os.kill(first.leader_pid, signal.SIGKILL)  # init dies: the container exits
+    wait_for(lambda: not alive(nspawn), what="nspawn to exit")
+    now = get(shim, "web")
+    assert now.phase == "Pending" and now.leader_pid is None and now.address is None
+    listed = shim.client.request("GET", "/v1/machines").body["items"]
+    assert [(m["phase"], m.get("leaderPid")) for m in listed] == [("Pending", None)]
+
+
 def test_drift_modified_revision_tree_is_checked_out_again(shim: RealShim, tmp_path: Path) -> None:
     first = put(shim, spec("web", make_repo(tmp_path, "web", "v1\n")))
     assert first.applied_revision is not None
