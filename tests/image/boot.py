@@ -50,6 +50,9 @@ usr_ro = bool(os.statvfs('/usr').f_flag & os.ST_RDONLY); \\
 print('{MARKER}', 'usr-ro=' + str(usr_ro), reply[0], reply[-1], flush=True)"
 """
 START = "systemd.unit-dropin.multi-user.target~bitbuilder-boot-probe"
+# The shim's own output on the console too: a failing boot shows why.
+SHIM_LOGS = "systemd.unit-dropin.bitbuilder-hostshim.service~bitbuilder-boot-probe"
+CONSOLE = "[Service]\nStandardOutput=journal+console\nStandardError=journal+console\n"
 DISK_SIZE = 8 << 30  # ESP, /usr, verity, signature and the 4G root that repart makes
 FIRMWARE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 FIRMWARE_VARS = "/usr/share/OVMF/OVMF_VARS_4M.fd"
@@ -62,7 +65,8 @@ def credential(name: str, value: str) -> str:
 
 def qemu_argv(disk: str, vars_file: str, serial_log: str) -> list[str]:
     """The qemu command line (paths as seen by qemu): 2 CPUs, 2G, TCG, no display, serial
-    console to a file, the probe unit and the drop-in that starts it as SMBIOS strings."""
+    console to a file; the probe unit, the drop-in that starts it and one that copies the
+    shim's output to the console as SMBIOS strings."""
     return [
         "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
         "-smp", "2", "-m", "2G", "-nodefaults", "-display", "none", "-no-reboot",
@@ -72,6 +76,7 @@ def qemu_argv(disk: str, vars_file: str, serial_log: str) -> list[str]:
         "-serial", f"file:{serial_log}",
         "-smbios", credential(f"systemd.extra-unit.{PROBE_UNIT}", PROBE),
         "-smbios", credential(START, f"[Unit]\nWants={PROBE_UNIT}\n"),
+        "-smbios", credential(SHIM_LOGS, CONSOLE),
     ]  # fmt: skip
 
 
