@@ -27,7 +27,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tests.image.build import BUILDER_ENV, IMAGE, builder_root, ensure_image, in_builder_argv
+from tests.image.build import (
+    BUILDER_ENV,
+    IMAGE,
+    SYSEXT,
+    builder_root,
+    ensure_image,
+    in_builder_argv,
+)
 
 MARKER = "BITBUILDER-BOOT-PROBE"
 PROBE_UNIT = "bitbuilder-boot-probe.service"
@@ -49,6 +56,26 @@ reply = s.makefile('rb').read().decode(errors='replace').splitlines(); \\
 usr_ro = bool(os.statvfs('/usr').f_flag & os.ST_RDONLY); \\
 print('{MARKER}', 'usr-ro=' + str(usr_ro), reply[0], reply[-1], flush=True)"
 """
+SYSEXT_MARKER = "BITBUILDER-BOOT-SYSEXT"
+SYSEXT_UNIT = "bitbuilder-boot-sysext.service"
+# After the shim answered: the BitBuilder sysext (a read-only virtio disk) merged over /usr
+# the way a host takes one (systemd-sysext from /run/extensions); prints SYSEXT_MARKER and
+# `merged` if its extension-release is then in /usr.
+SYSEXT_PROBE = f"""[Unit]
+Description=Merge the BitBuilder sysext (boot test)
+ConditionPathExists=!/etc/initrd-release
+After={PROBE_UNIT}
+
+[Service]
+Type=oneshot
+StandardOutput=journal+console
+StandardError=journal+console
+ExecStart=/usr/bin/mkdir -p /run/extensions
+ExecStart=/usr/bin/cp /dev/disk/by-id/virtio-bitbuilder-sysext /run/extensions/bitbuilder.raw
+ExecStart=-/usr/bin/systemd-sysext refresh
+ExecStart=/usr/bin/sh -c 'test -e /usr/lib/extension-release.d/extension-release.bitbuilder \\
+&& echo {SYSEXT_MARKER} merged || echo {SYSEXT_MARKER} not-merged'
+"""
 START = "systemd.unit-dropin.multi-user.target~bitbuilder-boot-probe"
 # The shim's own output on the console too: a failing boot shows why.
 SHIM_LOGS = "systemd.unit-dropin.bitbuilder-hostshim.service~bitbuilder-boot-probe"
@@ -63,19 +90,23 @@ def credential(name: str, value: str) -> str:
     return f"type=11,value=io.systemd.credential.binary:{name}={encoded}"
 
 
-def qemu_argv(disk: str, vars_file: str, serial_log: str) -> list[str]:
-    """The qemu command line (paths as seen by qemu): 2 CPUs, 2G, TCG, no display, serial
-    console to a file; the probe unit, the drop-in that starts it and one that copies the
-    shim's output to the console as SMBIOS strings."""
+def qemu_argv(disk: str, sysext: str, vars_file: str, serial_log: str) -> list[str]:
+    """The qemu command line (paths as seen by qemu): 2 CPUs, 2G, TCG, no display, the host
+    image and the sysext as virtio disks, serial console to a file; the probe units, the
+    drop-in that starts them and one that copies the shim's output to the console as SMBIOS
+    strings."""
     return [
         "qemu-system-x86_64", "-machine", "q35", "-accel", "tcg", "-cpu", "max",
         "-smp", "2", "-m", "2G", "-nodefaults", "-display", "none", "-no-reboot",
         "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={FIRMWARE}",
         "-drive", f"if=pflash,format=raw,unit=1,file={vars_file}",
         "-drive", f"if=virtio,format=raw,file={disk}",
+        "-drive", f"if=none,id=sysext,format=raw,readonly=on,file={sysext}",
+        "-device", "virtio-blk-pci,drive=sysext,serial=bitbuilder-sysext",
         "-serial", f"file:{serial_log}",
         "-smbios", credential(f"systemd.extra-unit.{PROBE_UNIT}", PROBE),
-        "-smbios", credential(START, f"[Unit]\nWants={PROBE_UNIT}\n"),
+        "-smbios", credential(f"systemd.extra-unit.{SYSEXT_UNIT}", SYSEXT_PROBE),
+        "-smbios", credential(START, f"[Unit]\nWants={PROBE_UNIT} {SYSEXT_UNIT}\n"),
         "-smbios", credential(SHIM_LOGS, CONSOLE),
     ]  # fmt: skip
 
@@ -113,7 +144,9 @@ class Boot:
             if text in self.console():
                 return time.monotonic() - self.started
             if self.process.poll() is not None:
-                raise TimeoutError(f"qemu exited ({self.process.returncode}) before {text!r}")
+                said = (self.serial_log.parent / "qemu.log").read_text(errors="replace")
+                code = self.process.returncode
+                raise TimeoutError(f"qemu exited ({code}) before {text!r}: {said}")
             time.sleep(1)  # polling a file qemu appends to: no event to wait on
         raise TimeoutError(f"{text!r} not on the console within {timeout:.0f} s")
 
@@ -125,15 +158,14 @@ def booted(built: Path, scratch: Path) -> Iterator[Boot]:
     root = builder_root(built / "build.log")
     disk = grown_copy(root, built / "out" / IMAGE, scratch)
     shutil.copy(root / FIRMWARE_VARS.lstrip("/"), scratch / "vars.fd")
-    argv = qemu_argv(disk, "/vm/vars.fd", "/vm/serial.log")
+    shutil.copy(built / "out" / SYSEXT, scratch / SYSEXT)
+    argv = qemu_argv(disk, f"/vm/{SYSEXT}", "/vm/vars.fd", "/vm/serial.log")
     # Not booted: nspawn answers SIGTERM by killing the container (qemu is its PID 1).
-    process = subprocess.Popen(
-        in_builder_argv(root, f"--bind={scratch}:/vm", *argv),
-        env=BUILDER_ENV,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    with open(scratch / "qemu.log", "wb") as log:  # qemu's own complaints
+        process = subprocess.Popen(
+            in_builder_argv(root, f"--bind={scratch}:/vm", *argv), env=BUILDER_ENV,
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     try:
         yield Boot(process, scratch / "serial.log", time.monotonic())
     finally:

@@ -96,6 +96,8 @@ def test_usr_holds_the_shim_its_units_generator_and_presets(built: Path) -> None
     assert "systemd-import-generator" in generators
     commands = erofs_ls(built, usr, "/local/bin")
     assert "bitbuilder-hostshim" in commands and "bitbuilder-hostshim-host-restore" in commands
+    # The build's certificate: systemd trusts extension images signed with its key.
+    assert "bitbuilder.crt" in erofs_ls(built, usr, "/lib/verity.d")
     presets = erofs_ls(built, usr, "/lib/systemd/system-preset")
     assert "10-bitbuilder.preset" in presets
 
