@@ -6,11 +6,12 @@ qemu and the firmware come from the mkosi builder root (tests/image/build.py), r
 `systemd-nspawn` command (no KVM: TCG). The disk is a sparse copy of the cached image, grown
 so that the root partition fits; the cached build is never written.
 
-A probe unit reaches the booted host as a systemd credential in an SMBIOS string
+Two probe units reach the booted host as systemd credentials in SMBIOS strings
 (`systemd.extra-unit.*`, read by systemd-debug-generator, systemd >= 256) and a drop-in passed
-the same way (`systemd.unit-dropin.*`) makes multi-user.target want it: nothing test-only is in
-the image. It asks the shim on its socket and prints MARKER, whether /usr is read-only, the
-reply's status line and body to the console.
+the same way (`systemd.unit-dropin.*`) makes multi-user.target want them: nothing test-only is
+in the image. The first asks the shim on its socket and prints MARKER, whether /usr is
+read-only, the reply's status line and body to the console; the second merges the BitBuilder
+sysext (a second, read-only disk) and prints SYSEXT_MARKER and whether it was merged.
 
     python -m tests.image.boot        # boot the cached image; the serial console on stdout
 """
