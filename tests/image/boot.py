@@ -30,6 +30,7 @@ from pathlib import Path
 
 from tests.image.build import (
     BUILDER_ENV,
+    BUILDER_MOUNT,
     IMAGE,
     SYSEXT,
     builder_root,
@@ -118,12 +119,12 @@ def grown_copy(root: Path, image: Path, scratch: Path) -> str:
     subprocess.run(["cp", "--sparse=always", str(image), str(scratch / "disk.raw")], check=True)
     (scratch / "no-definitions").mkdir()
     subprocess.run(
-        in_builder_argv(root, f"--bind={scratch}:/vm", "systemd-repart",
-                        "--definitions=/vm/no-definitions", f"--size={DISK_SIZE}",
-                        "--dry-run=no", "--offline=yes", "/vm/disk.raw"),
+        in_builder_argv(root, f"--bind={scratch}:{BUILDER_MOUNT}", "systemd-repart",
+                        f"--definitions={BUILDER_MOUNT}/no-definitions", f"--size={DISK_SIZE}",
+                        "--dry-run=no", "--offline=yes", f"{BUILDER_MOUNT}/disk.raw"),
         env=BUILDER_ENV, stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=120,
     )  # fmt: skip
-    return "/vm/disk.raw"
+    return f"{BUILDER_MOUNT}/disk.raw"
 
 
 class Boot:
@@ -160,11 +161,13 @@ def booted(built: Path, scratch: Path) -> Iterator[Boot]:
     disk = grown_copy(root, built / "out" / IMAGE, scratch)
     shutil.copy(root / FIRMWARE_VARS.lstrip("/"), scratch / "vars.fd")
     shutil.copy(built / "out" / SYSEXT, scratch / SYSEXT)
-    argv = qemu_argv(disk, f"/vm/{SYSEXT}", "/vm/vars.fd", "/vm/serial.log")
+    argv = qemu_argv(
+        disk, f"{BUILDER_MOUNT}/{SYSEXT}", f"{BUILDER_MOUNT}/vars.fd", f"{BUILDER_MOUNT}/serial.log"
+    )
     # Not booted: nspawn answers SIGTERM by killing the container (qemu is its PID 1).
     with open(scratch / "qemu.log", "wb") as log:  # qemu's own complaints
         process = subprocess.Popen(
-            in_builder_argv(root, f"--bind={scratch}:/vm", *argv), env=BUILDER_ENV,
+            in_builder_argv(root, f"--bind={scratch}:{BUILDER_MOUNT}", *argv), env=BUILDER_ENV,
             stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     try:

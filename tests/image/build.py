@@ -96,6 +96,9 @@ def in_builder_argv(root: Path, *options: str) -> list[str]:
             "--tmpfs=/tmp", "-D", str(root), *options]  # fmt: skip
 
 
+# Where inspections and boots bind their folder in the builder root: one every Debian root has,
+# since nspawn cannot make a new mount point in a root it mounts read-only.
+BUILDER_MOUNT = "/mnt"
 # nspawn refuses to start without it on this machine's hybrid cgroup layout.
 BUILDER_ENV = {"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 

@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 
 from tests.helpers.needs import needs_root_and
-from tests.image.build import BUILDER_ENV, IMAGE, SYSEXT, builder_root, in_builder_argv
+from tests.image.build import (
+    BUILDER_ENV,
+    BUILDER_MOUNT,
+    IMAGE,
+    SYSEXT,
+    builder_root,
+    in_builder_argv,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -38,7 +45,7 @@ def dissect(image: Path) -> dict[str, Any]:
 def in_builder(built: Path, *argv: str) -> str:
     root = builder_root(built / "build.log")
     return subprocess.run(
-        in_builder_argv(root, f"--bind-ro={built}:/work", *argv),
+        in_builder_argv(root, f"--bind-ro={built}:{BUILDER_MOUNT}", *argv),
         env=BUILDER_ENV,
         capture_output=True,
         text=True,
@@ -49,7 +56,9 @@ def in_builder(built: Path, *argv: str) -> str:
 
 def erofs_ls(built: Path, partition: str, path: str) -> str:
     """The names in `path` of an erofs partition file in `built`'s out/."""
-    return in_builder(built, "dump.erofs", "--ls", f"--path={path}", f"/work/out/{partition}")
+    return in_builder(
+        built, "dump.erofs", "--ls", f"--path={path}", f"{BUILDER_MOUNT}/out/{partition}"
+    )
 
 
 def split(built: Path, designator: str, image: str = IMAGE) -> Path:
@@ -116,9 +125,10 @@ def test_sha256sums_list_the_image_and_carry_a_valid_signature(built: Path) -> N
     assert digests[image.name] == sha.hexdigest()
     verified = in_builder(
         built, "sh", "-c",
-        "export GNUPGHOME=$(mktemp -d) && gpg --batch --import /work/signing-key.asc 2>/dev/null"
-        " && gpg --batch --status-fd 1 --verify /work/out/bitbuilder-host_0.1.0.SHA256SUMS.gpg"
-        " /work/out/bitbuilder-host_0.1.0.SHA256SUMS",
+        f"cd {BUILDER_MOUNT} && export GNUPGHOME=$(mktemp -d)"
+        " && gpg --batch --import signing-key.asc 2>/dev/null"
+        " && gpg --batch --status-fd 1 --verify out/bitbuilder-host_0.1.0.SHA256SUMS.gpg"
+        " out/bitbuilder-host_0.1.0.SHA256SUMS",
     )  # fmt: skip
     assert "[GNUPG:] VALIDSIG" in verified
 
