@@ -23,12 +23,13 @@ from pathlib import Path
 from tests.system.testhost import MIRROR, SUITE, cache_dir
 
 REPO = Path(__file__).resolve().parents[2]
-# mkosi and what it runs to make a verity-protected DDI with a UKI; debootstrap resolves no
-# virtual packages, hence dbus and python3-cffi-backend by name.
+# mkosi and what it runs to make a verity-protected DDI with a UKI, and qemu with UEFI firmware
+# to boot it (tests/image/boot.py); debootstrap resolves no virtual packages, hence dbus and
+# python3-cffi-backend by name.
 BUILDER_PACKAGES = (
     "mkosi", "dbus", "python3-cffi-backend", "systemd", "systemd-container", "systemd-repart",
     "systemd-ukify", "systemd-boot-efi", "erofs-utils", "dosfstools", "mtools",
-    "cryptsetup-bin", "gnupg", "python3-pip", "ca-certificates",
+    "cryptsetup-bin", "gnupg", "python3-pip", "ca-certificates", "qemu-system-x86", "ovmf",
 )  # fmt: skip
 # Only the suites the mirror serves (mkosi would add trixie-debug too).
 APT_SOURCES = f"""Types: deb
@@ -55,6 +56,8 @@ mkosi genkey
 mkosi --key="$FPR" --output-directory=/work/out -f build
 """
 IMAGE = "bitbuilder-host_0.1.0.raw"
+STUB_README = "BitBuilder Hypervisor: see README.md in the project's repository.\n"
+SYSEXT = "bitbuilder.raw"  # BitBuilder alone, a sysext of IMAGE (image/sysext/build)
 
 
 def _digest(paths: list[Path]) -> str:
@@ -65,8 +68,9 @@ def _digest(paths: list[Path]) -> str:
 
 
 def inputs() -> list[Path]:
-    """What goes into the image: the recipe, the packaging and the project's sources."""
-    found = [REPO / "pyproject.toml", REPO / "README.md"]
+    """What goes into the image: the recipe, the packaging and the project's sources. Not the
+    README (the package's long description gets STUB_README), so editing it builds nothing."""
+    found = [REPO / "pyproject.toml"]
     for folder in ("image", "hostshim", "operator"):
         found += [
             p for p in (REPO / folder).rglob("*") if p.is_file() and "__pycache__" not in p.parts
@@ -83,6 +87,20 @@ def _nspawn(root: Path, work: Path, script: str, log: Path) -> None:
             env={**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"},
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, check=True,
         )  # fmt: skip
+
+
+def in_builder_argv(root: Path, *options: str) -> list[str]:
+    """A plain command in the builder root (`options`: more nspawn options, binds). Read-only,
+    so that inspections and boots may share the root; only a build writes it."""
+    return ["systemd-nspawn", "--register=no", "--keep-unit", "-q", "--read-only",
+            "--tmpfs=/tmp", "-D", str(root), *options]  # fmt: skip
+
+
+# Where inspections and boots bind their folder in the builder root: one every Debian root has,
+# since nspawn cannot make a new mount point in a root it mounts read-only.
+BUILDER_MOUNT = "/mnt"
+# nspawn refuses to start without it on this machine's hybrid cgroup layout.
+BUILDER_ENV = {"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
 def builder_root(log: Path) -> Path:
@@ -117,10 +135,10 @@ def ensure_image(log: Path | None = None) -> Path:
         work = Path(tempfile.mkdtemp(prefix=".hostimage-", dir=cache))
         try:
             shutil.copytree(REPO / "image", work / "src" / "image")
-            for name in ("pyproject.toml", "README.md", "hostshim", "operator"):
-                source = REPO / name
-                copy = shutil.copytree if source.is_dir() else shutil.copy2
-                copy(source, work / "src" / name)
+            for name in ("hostshim", "operator"):
+                shutil.copytree(REPO / name, work / "src" / name)
+            shutil.copy2(REPO / "pyproject.toml", work / "src")
+            (work / "src" / "README.md").write_text(STUB_README)
             sources = work / "src/image/mkosi.sandbox/etc/apt/sources.list.d"
             sources.mkdir(parents=True)
             (sources / "mkosi.sources").write_text(APT_SOURCES)

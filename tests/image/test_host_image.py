@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 
 from tests.helpers.needs import needs_root_and
-from tests.image.build import IMAGE, builder_root, ensure_image
+from tests.image.build import (
+    BUILDER_ENV,
+    BUILDER_MOUNT,
+    IMAGE,
+    SYSEXT,
+    builder_root,
+    in_builder_argv,
+)
 
 pytestmark = [
     pytest.mark.slow,
@@ -24,16 +31,6 @@ pytestmark = [
     pytest.mark.timeout(1800),
     needs_root_and("debootstrap", "systemd-nspawn", "systemd-dissect"),
 ]
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    log = tmp_path_factory.mktemp("image") / "build.log"
-    try:
-        return ensure_image(log)
-    except subprocess.CalledProcessError as exc:
-        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-        raise AssertionError(f"the image build failed ({exc}):\n{tail}") from exc
 
 
 def dissect(image: Path) -> dict[str, Any]:
@@ -48,16 +45,36 @@ def dissect(image: Path) -> dict[str, Any]:
 def in_builder(built: Path, *argv: str) -> str:
     root = builder_root(built / "build.log")
     return subprocess.run(
-        ["systemd-nspawn", "--register=no", "--keep-unit", "-q", "-D", str(root),
-         f"--bind-ro={built}:/work", *argv],
-        env={"SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        capture_output=True, text=True, check=True, timeout=300,
-    ).stdout  # fmt: skip
+        in_builder_argv(root, f"--bind-ro={built}:{BUILDER_MOUNT}", *argv),
+        env=BUILDER_ENV,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
 
 
-def split(built: Path, designator: str) -> Path:
-    [found] = (built / "out").glob(f"bitbuilder-host_0.1.0.{designator}.*.raw")
+def erofs_ls(built: Path, partition: str, path: str) -> str:
+    """The names in `path` of an erofs partition file in `built`'s out/."""
+    return in_builder(
+        built, "dump.erofs", "--ls", f"--path={path}", f"{BUILDER_MOUNT}/out/{partition}"
+    )
+
+
+def split(built: Path, designator: str, image: str = IMAGE) -> Path:
+    """A partition of `image` in a file of its own (mkosi adds the partition's UUID to the
+    name, systemd-repart --make-ddi does not)."""
+    stem = image.removesuffix(".raw")
+    [found] = [
+        *(built / "out").glob(f"{stem}.{designator}.raw"),
+        *(built / "out").glob(f"{stem}.{designator}.*.raw"),
+    ]
     return found
+
+
+def env_file(lines: list[str]) -> dict[str, str]:
+    pairs = (line.split("=", 1) for line in lines if "=" in line)
+    return {key: value.strip('"') for key, value in pairs}
 
 
 def test_the_ddi_has_a_verity_protected_erofs_usr_and_no_root(built: Path) -> None:
@@ -78,19 +95,19 @@ def test_the_ddi_has_a_verity_protected_erofs_usr_and_no_root(built: Path) -> No
 
 
 def test_usr_holds_the_shim_its_units_generator_and_presets(built: Path) -> None:
-    usr = "/work/out/" + split(built, "usr-x86-64").name
-    listing = in_builder(built, "dump.erofs", "--ls", "--path=/lib/systemd/system", usr)
+    usr = split(built, "usr-x86-64").name
+    listing = erofs_ls(built, usr, "/lib/systemd/system")
     for unit in ("bitbuilder-hostshim.service", "bitbuilder-hostshim.socket",
                  "setup-tenant@.service", "bitbuilder-host-layers.service"):  # fmt: skip
         assert unit in listing, unit
-    generators = in_builder(
-        built, "dump.erofs", "--ls", "--path=/lib/systemd/system-generators", usr
-    )
+    generators = erofs_ls(built, usr, "/lib/systemd/system-generators")
     assert "bitbuilder-hostshim-generator" in generators
     assert "systemd-import-generator" in generators
-    commands = in_builder(built, "dump.erofs", "--ls", "--path=/local/bin", usr)
+    commands = erofs_ls(built, usr, "/local/bin")
     assert "bitbuilder-hostshim" in commands and "bitbuilder-hostshim-host-restore" in commands
-    presets = in_builder(built, "dump.erofs", "--ls", "--path=/lib/systemd/system-preset", usr)
+    # The build's certificate: systemd trusts extension images signed with its key.
+    assert "bitbuilder.crt" in erofs_ls(built, usr, "/lib/verity.d")
+    presets = erofs_ls(built, usr, "/lib/systemd/system-preset")
     assert "10-bitbuilder.preset" in presets
 
 
@@ -108,8 +125,33 @@ def test_sha256sums_list_the_image_and_carry_a_valid_signature(built: Path) -> N
     assert digests[image.name] == sha.hexdigest()
     verified = in_builder(
         built, "sh", "-c",
-        "export GNUPGHOME=$(mktemp -d) && gpg --batch --import /work/signing-key.asc 2>/dev/null"
-        " && gpg --batch --status-fd 1 --verify /work/out/bitbuilder-host_0.1.0.SHA256SUMS.gpg"
-        " /work/out/bitbuilder-host_0.1.0.SHA256SUMS",
+        f"cd {BUILDER_MOUNT} && export GNUPGHOME=$(mktemp -d)"
+        " && gpg --batch --import signing-key.asc 2>/dev/null"
+        " && gpg --batch --status-fd 1 --verify out/bitbuilder-host_0.1.0.SHA256SUMS.gpg"
+        " out/bitbuilder-host_0.1.0.SHA256SUMS",
     )  # fmt: skip
     assert "[GNUPG:] VALIDSIG" in verified
+
+
+def test_bitbuilder_alone_is_a_sysext_the_host_image_accepts(built: Path) -> None:
+    info = dissect(built / "out" / SYSEXT)
+    parts = {m["designator"]: m for m in info["mounts"]}
+    assert set(parts) == {"root", "root-verity", "root-verity-sig"}
+    assert parts["root"]["fstype"] == "erofs"
+    # systemd-dissect found usr/lib/extension-release.d/extension-release.bitbuilder, named
+    # like the image: a system extension.
+    assert info["useSystemExtension"] is True
+    release = env_file(info["extensionRelease"])
+    # systemd-sysext merges it over the image's /usr only if these match the image's os-release.
+    host = env_file(dissect(built / "out" / IMAGE)["osRelease"])
+    assert (release["ID"], release["VERSION_ID"]) == (host["ID"], host["VERSION_ID"])
+    assert release["SYSEXT_ID"] == "bitbuilder"
+    root = split(built, "root-x86-64", SYSEXT).name
+    [python] = [n for n in erofs_ls(built, root, "/usr/local/lib").split() if "python3" in n]
+    package = erofs_ls(built, root, f"/usr/local/lib/{python}/dist-packages/bitbuilder/hostshim")
+    assert "main.py" in package and "api.py" in package
+    assert "bitbuilder-hostshim" in erofs_ls(built, root, "/usr/local/bin")
+    assert "bitbuilder-hostshim.service" in erofs_ls(built, root, "/usr/lib/systemd/system")
+    # Signed with the image: listed in the signed SHA256SUMS.
+    sums = (built / "out" / "bitbuilder-host_0.1.0.SHA256SUMS").read_text()
+    assert f" *{SYSEXT}" in sums
