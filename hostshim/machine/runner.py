@@ -25,14 +25,20 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bitbuilder.hostshim.api import ImageStatus, ImageType, MachineSpec, NetworkMode, Runtime
-from bitbuilder.hostshim.capabilities.report import runtime_refusal
+from bitbuilder.hostshim.capabilities.report import host_report, runtime_refusal
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError
 from bitbuilder.hostshim.images.store import ImageStore
 from bitbuilder.hostshim.machine.datadisk import mount_data, unmount_data
 from bitbuilder.hostshim.machine.executor import KILL_DEADLINE, Executor, shim_scope, wait_exit
 from bitbuilder.hostshim.machine.layers import layer_sources, machine_layers
-from bitbuilder.hostshim.machine.network import Link, configure_link, prepare_link, teardown_link
+from bitbuilder.hostshim.machine.network import (
+    Link,
+    configure_link,
+    create_tap,
+    prepare_link,
+    teardown_link,
+)
 from bitbuilder.hostshim.machine.runtime.nspawn import (
     InitKind,
     NspawnMachine,
@@ -43,6 +49,19 @@ from bitbuilder.hostshim.machine.runtime.nspawn import (
     init_ready,
     nspawn_argv,
     shut_down,
+)
+from bitbuilder.hostshim.machine.runtime.vmspawn import (
+    VmspawnMachine,
+    guest_kernel,
+    vmspawn_argv,
+    vmspawn_env,
+)
+from bitbuilder.hostshim.machine.vm import (
+    GUEST_LAYER,
+    await_guest,
+    guest_layer,
+    mount_overlay,
+    root_lowers,
 )
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
@@ -62,6 +81,7 @@ class RunningMachine:
     started_at: datetime
     address: str | None
     revision: str | None
+    acceleration: str | None = None  # VMs: kvm or tcg
 
 
 def _poll(probe: Callable[[], int | None], timeout: float) -> int | None:
@@ -110,14 +130,10 @@ def check_spec(spec: MachineSpec) -> None:
         raise MachineError(
             f"runtime {spec.runtime} cannot run on this host: {refusal}", reason="Unsupported"
         )
-    if spec.runtime is not Runtime.nspawn:
-        raise MachineError(
-            f"runtime {spec.runtime} is not supported by this shim yet (nspawn only)",
-            reason="Unsupported",
-        )
     if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
         raise MachineError("port forwards need network mode isolated", reason="InvalidSpec")
-    check_user_namespaces()
+    if spec.runtime is Runtime.nspawn:
+        check_user_namespaces()
 
 
 def check_image(spec: MachineSpec, image: ImageStatus) -> None:
@@ -126,6 +142,12 @@ def check_image(spec: MachineSpec, image: ImageStatus) -> None:
         raise MachineError(
             f"image {image.name!r} is a raw disk image: runtime nspawn needs a directory or "
             "tarball image (raw images are for vmspawn)",
+            reason="ImageTypeUnsupported",
+        )
+    if spec.runtime is Runtime.vmspawn and image.type is not ImageType.directory:
+        raise MachineError(
+            f"image {image.name!r} is a raw disk image: this shim boots VMs from directory "
+            "images only for now (the guest's address and units go into its root overlay)",
             reason="ImageTypeUnsupported",
         )
 
@@ -168,6 +190,8 @@ class Runner:
     def _start(
         self, spec: MachineSpec, checkout: Checkout | None, paths: TenantPaths, rootfs: Path
     ) -> RunningMachine:
+        if spec.runtime is Runtime.vmspawn:
+            return self._start_vm(spec, checkout, paths, rootfs)
         init = detect_init(rootfs)
         with phase(spec.name, "mount data, root"):
             mount_data(paths, spec.resources.disk_bytes or self.config.tenant_disk_bytes)
@@ -206,10 +230,68 @@ class Runner:
         address = link.address if link else None
         return RunningMachine(spec.name, leader, started_at, address, revision)
 
-    def _mount_root(self, paths: TenantPaths, rootfs: Path) -> Path:
+    def _start_vm(
+        self, spec: MachineSpec, checkout: Checkout | None, paths: TenantPaths, rootfs: Path
+    ) -> RunningMachine:
+        """A VM: its root overlay (see vm.py), its tap, vmspawn; Running once it answers."""
+        boot = guest_kernel(rootfs)
+        layout = checkout.layout if checkout is not None else None
+        link = None
+        if spec.network.mode is NetworkMode.isolated:
+            with phase(spec.name, "network: tap, nftables"):
+                link = prepare_link(self.scope, spec.name, spec.network, self.pool)
+                create_tap(link)
+        with phase(spec.name, "mount data, root"):
+            mount_data(paths, spec.resources.disk_bytes or self.config.tenant_disk_bytes)
+            guest = guest_layer(paths.run / GUEST_LAYER, layout, link)
+            root = self._root_dirs(paths)
+            mount_overlay(
+                root, root_lowers(rootfs, layout, guest), paths.data / "upper", paths.data / "work"
+            )
+        acceleration = host_report().acceleration
+        started_at = datetime.now(UTC)
+        revision = checkout.revision if checkout is not None else None
+        self._write_record(paths, link, started_at, revision, InitKind.systemd, acceleration)
+        settings = layout.settings if layout is not None else None
+        machine = VmspawnMachine(
+            name=spec.name,
+            directory=root,
+            raw=None,
+            boot=boot,
+            kvm=acceleration == "kvm",
+            tap=link.host_ifname if link else None,
+            resources=spec.resources,
+            hostname=settings.hostname if settings and "hostname" in spec.repo_settings else None,
+        )
+        pid = self.executor.launch(
+            spec.name,
+            vmspawn_argv(machine),
+            spec.resources,
+            paths.run / CONSOLE_LOG,
+            env=vmspawn_env(machine),
+        )
+        if link is not None:
+            with phase(spec.name, "guest boot (answers on its address)"):
+                await_guest(link.address, lambda: self._alive(spec.name, paths))
+        address = link.address if link else None
+        return RunningMachine(spec.name, pid, started_at, address, revision, acceleration)
+
+    def _alive(self, name: str, paths: TenantPaths) -> None:
+        if self.executor.pid(name) is None:
+            log = (paths.run / CONSOLE_LOG).read_text(errors="replace")[-2000:]
+            raise MachineError(f"machine {name!r} exited while starting: {log.strip()}")
+
+    @staticmethod
+    def _root_dirs(paths: TenantPaths) -> Path:
+        """The writable layer's dirs and the mount point; returns the mount point."""
         upper, work, root = paths.data / "upper", paths.data / "work", paths.run / "root"
         for d in (upper, work, root):
             d.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def _mount_root(self, paths: TenantPaths, rootfs: Path) -> Path:
+        root = self._root_dirs(paths)
+        upper, work = paths.data / "upper", paths.data / "work"
         # metacopy: nspawn's one-time chown into the picked uid range copies metadata only.
         # nodev: a device node in the image (a directory import keeps them) must not open a
         # host device; nspawn mounts the machine's own /dev.
@@ -227,17 +309,12 @@ class Runner:
         return root
 
     def _await_leader(self, name: str, pid: int, paths: TenantPaths, init: InitKind) -> int:
-        def alive() -> None:
-            if self.executor.pid(name) is None:
-                log = (paths.run / CONSOLE_LOG).read_text(errors="replace")[-2000:]
-                raise MachineError(f"machine {name!r} exited while starting: {log.strip()}")
-
         def leader() -> int | None:
-            alive()
+            self._alive(name, paths)
             return find_leader(pid)
 
         def ready() -> int | None:
-            alive()
+            self._alive(name, paths)
             return init_ready(pid, init)
 
         deadline = time.monotonic() + LEADER_DEADLINE
@@ -258,12 +335,14 @@ class Runner:
         started_at: datetime,
         revision: str | None,
         init: InitKind,
+        acceleration: str | None = None,
     ) -> None:
         record = {
             "link": link.to_json() if link else None,
             "startedAt": started_at.isoformat(),
             "revision": revision,
             "init": init.value,
+            "acceleration": acceleration,
         }
         tmp = paths.run / f"{RECORD}.tmp"
         tmp.write_text(json.dumps(record))
@@ -286,6 +365,7 @@ class Runner:
             started_at=datetime.fromisoformat(record["startedAt"]),
             address=link.address if link else None,
             revision=record.get("revision"),
+            acceleration=record.get("acceleration"),
         )
 
     def adopt(self) -> dict[str, RunningMachine]:

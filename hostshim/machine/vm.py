@@ -1,0 +1,121 @@
+"""A VM tenant's host side: its root, the guest's own layer, its link, and when it is up.
+
+The root is an overlay under the run dir, as a container's is, shared with the guest over
+virtiofs (vmspawn --directory): the image rootfs lowest, each confext and sysext tree of the
+revision above it (the tree's own root, so its etc/ lands on /etc and its usr/ on /usr), and on
+top a guest layer the shim writes (the repo's units with their WantedBy= links, and the
+networkd file that gives the guest its address on the shim's link); the tenant's writable layer
+(kept across restarts) is the upper dir. So the guest boots straight into the revision: no
+agent inside, nothing to merge at boot. The kernel and initrd come from the image's /boot.
+
+The overlay is mounted with mount(2): util-linux >= 2.39 hands options to fsconfig, which cuts
+each value at 256 bytes, and a lowerdir= with a few revision trees is longer than that.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from bitbuilder.hostshim.errors import HostError, MachineError
+from bitbuilder.hostshim.machine.layers import build_units_layer, tree_layers
+from bitbuilder.hostshim.machine.network import Link
+from bitbuilder.hostshim.machine.runtime.nspawn import check_path
+from bitbuilder.hostshim.source.layout import Layout
+
+GUEST_LAYER = "guest"  # in the run dir
+NETWORK_FILE = "etc/systemd/network/10-bitbuilder.network"
+# A TCG boot takes 80-140 s on an idle 2-core machine; a loaded one is slower.
+BOOT_DEADLINE = 900.0
+MS_NODEV = 4
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+
+
+def mount_overlay(target: Path, lowers: list[Path], upper: Path, work: Path) -> None:
+    """Mount an overlay at `target`; `lowers` topmost first."""
+    options = ",".join(
+        [
+            "lowerdir=" + ":".join(check_path(p) for p in lowers),
+            f"upperdir={check_path(upper)}",
+            f"workdir={check_path(work)}",
+        ]
+    )
+    # nodev: a device node in the image must not open a host device through virtiofsd.
+    if _libc.mount(b"overlay", bytes(target), b"overlay", MS_NODEV, options.encode()) != 0:
+        errno = ctypes.get_errno()
+        raise MachineError(f"cannot mount the VM's root at {target}: {os.strerror(errno)}")
+
+
+def _network_file(link: Link) -> str:
+    """The guest's one ethernet link gets the machine end of the /30; nothing else."""
+    return (
+        "# Written by the BitBuilder host shim: this VM's address on its link.\n"
+        "[Match]\n"
+        "Type=ether\n"
+        "\n"
+        "[Network]\n"
+        f"Address={link.machine_address}\n"
+        "LinkLocalAddressing=no\n"
+        "IPv6AcceptRA=no\n"
+    )
+
+
+def guest_layer(dest: Path, layout: Layout | None, link: Link | None) -> Path:
+    """The shim's layer over the guest's root: the repo's units and the guest's address."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    if layout is not None and layout.units:
+        build_units_layer(dest, layout.units)
+    if link is not None:
+        network = dest / NETWORK_FILE
+        network.parent.mkdir(parents=True, exist_ok=True)
+        network.write_text(_network_file(link))
+    return dest
+
+
+def root_lowers(rootfs: Path, layout: Layout | None, guest: Path) -> list[Path]:
+    """The overlay's lower dirs, topmost first: the guest layer, the revision's trees (in
+    reverse name order, so the first by name is lowest, as for containers), the image."""
+    trees: list[Path] = []
+    if layout is not None:
+        # tree_layers checks each etc/ and usr/ is a real directory of the revision tree (no
+        # symlink reaches the host's overlay); the layer is its tree's root.
+        trees += [p.parent for p in tree_layers(layout.root, layout.confext, "etc")]
+        trees += [p.parent for p in tree_layers(layout.root, layout.sysext, "usr")]
+    unique = list(dict.fromkeys(trees))
+    return [guest, *reversed(unique), rootfs]
+
+
+def answers_ping(address: str) -> bool:
+    try:
+        result = subprocess.run(
+            ["ping", "-c", "1", "-W", "1", "-q", address], capture_output=True, timeout=10
+        )
+    except FileNotFoundError as exc:
+        raise HostError(
+            "ping is not installed on the host: the shim waits for a VM to answer it "
+            "(install iputils-ping)",
+            reason="HostToolMissing",
+        ) from exc
+    return result.returncode == 0
+
+
+def await_guest(address: str, alive: Callable[[], None], timeout: float = BOOT_DEADLINE) -> None:
+    """Until the guest answers on its address (its kernel, udev and networkd are up), while
+    `alive` raises if the VM is gone."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        alive()
+        if answers_ping(address):
+            return
+    raise MachineError(
+        f"the VM did not answer on {address} within {timeout:.0f}s", reason="BootTimeout"
+    )
