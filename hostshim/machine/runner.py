@@ -61,7 +61,7 @@ from bitbuilder.hostshim.machine.vm import (
     await_guest,
     guest_layer,
     mount_overlay,
-    root_lowers,
+    prepare_upper,
 )
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
@@ -245,9 +245,8 @@ class Runner:
             mount_data(paths, spec.resources.disk_bytes or self.config.tenant_disk_bytes)
             guest = guest_layer(paths.run / GUEST_LAYER, layout, link)
             root = self._root_dirs(paths)
-            mount_overlay(
-                root, root_lowers(rootfs, layout, guest), paths.data / "upper", paths.data / "work"
-            )
+            prepare_upper(paths.data / "upper", rootfs)
+            mount_overlay(root, [guest, rootfs], paths.data / "upper", paths.data / "work")
         acceleration = host_report().acceleration
         started_at = datetime.now(UTC)
         revision = checkout.revision if checkout is not None else None

@@ -1,12 +1,18 @@
 """A VM tenant's host side: its root, the guest's own layer, its link, and when it is up.
 
 The root is an overlay under the run dir, as a container's is, shared with the guest over
-virtiofs (vmspawn --directory): the image rootfs lowest, each confext and sysext tree of the
-revision above it (the tree's own root, so its etc/ lands on /etc and its usr/ on /usr), and on
-top a guest layer the shim writes (the repo's units with their WantedBy= links, and the
-networkd file that gives the guest its address on the shim's link); the tenant's writable layer
-(kept across restarts) is the upper dir. So the guest boots straight into the revision: no
-agent inside, nothing to merge at boot. The kernel and initrd come from the image's /boot.
+virtiofs (vmspawn --directory): the image rootfs below a guest layer the shim writes for each
+start, the tenant's writable layer (kept across restarts) as the upper dir. The guest layer
+holds the revision's confext etc/ and sysext usr/ trees (copied, lowest first, so the first by
+name is lowest as for containers), the repo's units with their WantedBy= links, and the
+networkd file that gives the guest its address on the shim's link. So the guest boots straight
+into the revision: no agent inside, nothing to merge at boot. The kernel and initrd come from
+the image's /boot.
+
+The layer is a copy with normalised modes (directories 0755, files readable by all) because
+the revision checkout is private to root (0700 directories): as a layer, its etc/ would make
+the guest's /etc unreadable to its non-root services (networkd exits with 200/CHDIR). The
+upper dir's root takes the image root's mode for the same reason.
 
 The overlay is mounted with mount(2): util-linux >= 2.39 hands options to fsconfig, which cuts
 each value at 256 bytes, and a lowerdir= with a few revision trees is longer than that.
@@ -18,6 +24,7 @@ import ctypes
 import ctypes.util
 import os
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -67,31 +74,43 @@ def _network_file(link: Link) -> str:
     )
 
 
+def _open_modes(top: Path) -> None:
+    """Directories 0755, files readable by all (executable by all where the owner may)."""
+    for dirpath, _dirs, files in os.walk(top):
+        os.chmod(dirpath, 0o755)
+        for name in files:
+            path = os.path.join(dirpath, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISREG(mode):
+                extra = 0o755 if mode & stat.S_IXUSR else 0o644
+                os.chmod(path, (stat.S_IMODE(mode) | extra) & 0o755)
+
+
 def guest_layer(dest: Path, layout: Layout | None, link: Link | None) -> Path:
-    """The shim's layer over the guest's root: the repo's units and the guest's address."""
+    """The shim's layer over the guest's root: the revision's trees, units, the address."""
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
-    if layout is not None and layout.units:
-        build_units_layer(dest, layout.units)
+    if layout is not None:
+        if layout.units:
+            build_units_layer(dest, layout.units)
+        # tree_layers checks each etc/ and usr/ is a real directory of the revision tree;
+        # symlinks inside are copied as symlinks, for the guest to resolve in its own root.
+        for top, trees in (("etc", layout.confext), ("usr", layout.sysext)):
+            for tree in tree_layers(layout.root, trees, top):
+                shutil.copytree(tree, dest / top, symlinks=True, dirs_exist_ok=True)
     if link is not None:
         network = dest / NETWORK_FILE
         network.parent.mkdir(parents=True, exist_ok=True)
         network.write_text(_network_file(link))
+    _open_modes(dest)
     return dest
 
 
-def root_lowers(rootfs: Path, layout: Layout | None, guest: Path) -> list[Path]:
-    """The overlay's lower dirs, topmost first: the guest layer, the revision's trees (in
-    reverse name order, so the first by name is lowest, as for containers), the image."""
-    trees: list[Path] = []
-    if layout is not None:
-        # tree_layers checks each etc/ and usr/ is a real directory of the revision tree (no
-        # symlink reaches the host's overlay); the layer is its tree's root.
-        trees += [p.parent for p in tree_layers(layout.root, layout.confext, "etc")]
-        trees += [p.parent for p in tree_layers(layout.root, layout.sysext, "usr")]
-    unique = list(dict.fromkeys(trees))
-    return [guest, *reversed(unique), rootfs]
+def prepare_upper(upper: Path, rootfs: Path) -> None:
+    """The writable layer's root dir, with the image root's mode (it is the guest's /)."""
+    upper.mkdir(parents=True, exist_ok=True)
+    os.chmod(upper, stat.S_IMODE(os.stat(rootfs).st_mode))
 
 
 def answers_ping(address: str) -> bool:

@@ -26,7 +26,7 @@ from tests.system.testhost import GUEST, TestHost, ensure_tarball, restore_tree
 pytestmark = pytest.mark.timeout(3600)
 
 VM, CONTAINER = "vm1", "ct1"
-HTTP_PORT, HOST_PORT = 8080, 18080
+HTTP_PORT, HOST_PORT = 8080, 30080
 STATE = Path("/var/lib/bitbuilder/tenants")
 # A TCG boot is 80-140 s on an idle machine; the shim answers the PUT once the VM pings.
 BOOT_TIMEOUT = 1200.0
