@@ -58,10 +58,14 @@ from bitbuilder.hostshim.machine.runtime.vmspawn import (
 )
 from bitbuilder.hostshim.machine.vm import (
     GUEST_LAYER,
+    POWER_OFF_DEADLINE,
+    QMP_SOCKET,
     await_guest,
     guest_layer,
     mount_overlay,
     prepare_upper,
+    qmp_argument,
+    request_power_off,
 )
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
@@ -153,8 +157,15 @@ def check_image(spec: MachineSpec, image: ImageStatus) -> None:
 
 
 class Runner:
-    def __init__(self, config: ShimConfig, images: ImageStore, executor: Executor) -> None:
+    def __init__(
+        self,
+        config: ShimConfig,
+        images: ImageStore,
+        executor: Executor,
+        await_guests: bool = True,
+    ) -> None:
         self.config = config
+        self.await_guests = await_guests  # a VM's start returns once it answers ping
         self.images = images
         self.executor = executor
         self.scope = shim_scope(config)
@@ -250,7 +261,9 @@ class Runner:
         acceleration = host_report().acceleration
         started_at = datetime.now(UTC)
         revision = checkout.revision if checkout is not None else None
-        self._write_record(paths, link, started_at, revision, InitKind.systemd, acceleration)
+        self._write_record(
+            paths, link, started_at, revision, InitKind.systemd, Runtime.vmspawn, acceleration
+        )
         settings = layout.settings if layout is not None else None
         machine = VmspawnMachine(
             name=spec.name,
@@ -267,9 +280,9 @@ class Runner:
             vmspawn_argv(machine),
             spec.resources,
             paths.run / CONSOLE_LOG,
-            env=vmspawn_env(machine),
+            env=vmspawn_env(machine, qmp_argument(paths.run / QMP_SOCKET)),
         )
-        if link is not None:
+        if link is not None and self.await_guests:
             with phase(spec.name, "guest boot (answers on its address)"):
                 await_guest(link.address, lambda: self._alive(spec.name, paths))
         address = link.address if link else None
@@ -334,6 +347,7 @@ class Runner:
         started_at: datetime,
         revision: str | None,
         init: InitKind,
+        runtime: Runtime = Runtime.nspawn,
         acceleration: str | None = None,
     ) -> None:
         record = {
@@ -341,6 +355,7 @@ class Runner:
             "startedAt": started_at.isoformat(),
             "revision": revision,
             "init": init.value,
+            "runtime": runtime.value,
             "acceleration": acceleration,
         }
         tmp = paths.run / f"{RECORD}.tmp"
@@ -400,7 +415,14 @@ class Runner:
         killed only once nothing but those pauses is left. Any other machine, or one whose init
         cannot take the signal yet, is left to the executor's terminate()."""
         pid = self.executor.pid(name)
-        if pid is None or self._recorded_init(paths) is not InitKind.other:
+        if pid is None:
+            return
+        if self._recorded(paths, "runtime") == Runtime.vmspawn.value:
+            # The guest's ACPI power button; what is left at the deadline is terminate()'s.
+            if request_power_off(paths.run / QMP_SOCKET):
+                wait_exit(pid, POWER_OFF_DEADLINE)
+            return
+        if self._recorded(paths, "init") != InitKind.other.value:
             return
         leader = init_ready(pid, InitKind.other)
         if leader is None:
@@ -422,12 +444,11 @@ class Runner:
         wait_exit(pid, KILL_DEADLINE)  # nspawn sees its machine gone and exits
 
     @staticmethod
-    def _recorded_init(paths: TenantPaths) -> InitKind | None:
+    def _recorded(paths: TenantPaths, key: str) -> object:
         try:
-            value = json.loads((paths.run / RECORD).read_text()).get("init")
+            return json.loads((paths.run / RECORD).read_text()).get(key)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return InitKind(value) if value in tuple(InitKind) else None
 
     def remove_data(self, name: str) -> None:
         with self._lock(name):

@@ -20,15 +20,19 @@ each value at 256 bytes, and a lowerdir= with a few revision trees is longer tha
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
+import json
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import BinaryIO
 
 from bitbuilder.hostshim.errors import HostError, MachineError
 from bitbuilder.hostshim.machine.layers import build_units_layer, tree_layers
@@ -37,9 +41,13 @@ from bitbuilder.hostshim.machine.runtime.nspawn import check_path
 from bitbuilder.hostshim.source.layout import Layout
 
 GUEST_LAYER = "guest"  # in the run dir
+QMP_SOCKET = "qmp.sock"  # in the run dir: the shim's own monitor on qemu
 NETWORK_FILE = "etc/systemd/network/10-bitbuilder.network"
 # A TCG boot takes 80-140 s on an idle 2-core machine; a loaded one is slower.
 BOOT_DEADLINE = 900.0
+# A guest's clean shutdown under TCG: systemd stops its units, then ACPI power-off.
+POWER_OFF_DEADLINE = 90.0
+MAX_UNIX_PATH = 107
 MS_NODEV = 4
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
@@ -138,3 +146,39 @@ def await_guest(address: str, alive: Callable[[], None], timeout: float = BOOT_D
     raise MachineError(
         f"the VM did not answer on {address} within {timeout:.0f}s", reason="BootTimeout"
     )
+
+
+def qmp_argument(sock: Path) -> str:
+    """qemu's option for the shim's monitor socket (vmspawn keeps its own QMP to itself)."""
+    text = check_path(sock)
+    if len(text) > MAX_UNIX_PATH:
+        raise MachineError(f"the VM's monitor socket path is too long: {text}")
+    return f"-qmp unix:{text},server=on,wait=off"
+
+
+def _qmp_reply(stream: BinaryIO) -> None:
+    """Read up to the reply of the last command (events may come first); raise on error."""
+    for line in stream:
+        message = json.loads(line)
+        if "error" in message:
+            raise MachineError(f"qemu refused: {message['error']}")
+        if "return" in message:
+            return
+    raise MachineError("qemu closed its monitor")
+
+
+def request_power_off(sock: Path) -> bool:
+    """Press the VM's ACPI power button (QMP system_powerdown); False if qemu is not there."""
+    with (
+        contextlib.suppress(OSError, ValueError, MachineError),
+        socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn,
+    ):
+        conn.settimeout(10)
+        conn.connect(str(sock))
+        stream = conn.makefile("rb")
+        json.loads(stream.readline())  # the greeting
+        for command in ("qmp_capabilities", "system_powerdown"):
+            conn.sendall(json.dumps({"execute": command}).encode() + b"\n")
+            _qmp_reply(stream)
+        return True
+    return False

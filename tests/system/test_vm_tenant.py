@@ -263,3 +263,82 @@ def test_vm_and_container_cannot_reach_each_other_or_the_host(
             deployment, "/bin/busybox", "ping", "-c", "1", "-W", "2", target, check=False
         )
         assert reply.returncode != 0, f"the container reached {target}"
+
+
+def test_shim_restart_adopts_the_running_vm(deployment: VmDeployment) -> None:
+    host, before = deployment.host, deployment.status(VM)
+    host.enter("systemctl", "stop", "bitbuilder-hostshim.service")
+    assert not shim_up(host)
+    unit = host.enter("systemctl", "is-active", f"bitbuilder-tenant-{VM}.service", check=False)
+    assert unit.stdout.strip() == "active"
+    # The socket stays with systemd: the next request starts the shim, which adopts the VM.
+    after = deployment.status(VM)
+    assert after["phase"] == "Running"
+    for key in ("leaderPid", "address", "startedAt", "acceleration", "appliedRevision"):
+        assert after[key] == before[key], key
+
+
+def guest_journal(deployment: VmDeployment) -> str:
+    journal = STATE / VM / "data" / "upper" / "var" / "log" / "journal"
+    return deployment.host.enter(
+        "journalctl", f"--directory={journal}", "--no-pager", "-o", "cat", check=False
+    ).stdout
+
+
+def put_and_serve(deployment: VmDeployment, marker: str, commit_id: str) -> None:
+    status = deployment.call("PUT", f"/v1/machines/{VM}", vm_spec(deployment.repos))
+    assert status["phase"] == "Running", (status, deployment.diagnose())
+    assert status["appliedRevision"] == commit_id
+    assert (
+        wait_for(
+            lambda: deployment.guest_file("var/lib/bb/provisioned") == f"{marker}\n",
+            timeout=180,
+            what=f"provisioning of {marker}",
+        )
+        is True
+    )
+    page = deployment.host.enter(
+        "busybox", "wget", "-q", "-T", "5", "-O", "-", f"http://127.0.0.1:{HOST_PORT}/",
+        check=False,
+    ).stdout  # fmt: skip
+    assert page == f"page {marker}\n"
+
+
+def test_update_from_git_and_revert_each_run_the_new_tree(deployment: VmDeployment) -> None:
+    repo = deployment.repos / VM
+    targets = (repo / "confext/bb/etc/bb/targets").read_text().split()
+    r2 = commit(repo, "r2", targets)
+    put_and_serve(deployment, "r2", r2)
+    # The r1 VM was powered off cleanly: its ACPI button reached the guest's logind.
+    assert "Power key pressed" in guest_journal(deployment), deployment.console()
+    git("revert", "--no-edit", "HEAD", cwd=repo)
+    reverted = git("rev-parse", "HEAD", cwd=repo)
+    put_and_serve(deployment, "r1", reverted)
+
+
+def test_delete_leaves_nothing_behind(deployment: VmDeployment) -> None:
+    host = deployment.host
+    assert deployment.status(VM)["phase"] == "Running"
+    deployment.call("DELETE", f"/v1/machines/{VM}")
+    processes = host.enter("ps", "-eo", "comm=", check=False).stdout.split()
+    for name in ("qemu-system-x86", "virtiofsd", "systemd-vmspawn"):
+        assert name not in processes, processes
+    links = host.enter("ip", "-br", "link").stdout
+    container_link = [line for line in links.splitlines() if line.startswith("bb")]
+    assert len(container_link) == 1 and "@" in container_link[0], links  # the veth only
+    tables = host.enter("nft", "list", "tables").stdout.split("\n")
+    assert len([t for t in tables if "bitbuilder_" in t]) == 1, tables
+    assert f"/run/bitbuilder/machines/{VM}" not in host.enter("cat", "/proc/self/mountinfo").stdout
+    for path in (f"/run/bitbuilder/machines/{VM}", str(STATE / VM)):
+        assert host.enter("test", "-e", path, check=False).returncode == 1, path
+    unit = host.enter("systemctl", "is-active", f"bitbuilder-tenant-{VM}.service", check=False)
+    assert unit.stdout.strip() != "active"
+    assert call_status(host, VM) == 404
+
+
+def call_status(host: TestHost, name: str) -> int:
+    return (
+        ShimClient(f"/proc/{host.leader}/root{SOCKET}", timeout=60)
+        .request("GET", f"/v1/machines/{name}")
+        .status
+    )

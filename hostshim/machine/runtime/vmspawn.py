@@ -115,12 +115,14 @@ def guest_mac(name: str) -> str:
     return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
 
 
-def vmspawn_env(machine: VmspawnMachine) -> dict[str, str]:
-    """The environment vmspawn needs besides its argv: qemu's NIC on the shim's tap."""
-    if machine.tap is None:
-        return {}
-    tap = check_ifname(machine.tap)
-    return {
-        QEMU_EXTRA: f"-netdev tap,id=bbnet,ifname={tap},script=no,downscript=no "
-        f"-device virtio-net-pci,netdev=bbnet,mac={guest_mac(machine.name)}"
-    }
+def vmspawn_env(machine: VmspawnMachine, *extra: str) -> dict[str, str]:
+    """The environment vmspawn needs besides its argv: qemu's NIC on the shim's tap, and
+    `extra` qemu options (the shim's monitor)."""
+    options = list(extra)
+    if machine.tap is not None:
+        tap = check_ifname(machine.tap)
+        options.append(
+            f"-netdev tap,id=bbnet,ifname={tap},script=no,downscript=no "
+            f"-device virtio-net-pci,netdev=bbnet,mac={guest_mac(machine.name)}"
+        )
+    return {QEMU_EXTRA: " ".join(options)} if options else {}
