@@ -20,7 +20,7 @@ from bitbuilder.hostshim.images.busybox import build_busybox_rootfs
 from tests.helpers.gitserve import git
 from tests.helpers.wait import wait_for
 from tests.shim.harness import ShimClient
-from tests.system.shimapi import SOCKET, install_shim, ok
+from tests.system.shimapi import SOCKET, install_shim, ok, shim_active, start_shim
 from tests.system.testhost import GUEST, TestHost, ensure_tarball, restore_tree
 
 pytestmark = pytest.mark.timeout(3600)
@@ -155,11 +155,6 @@ def container_spec(repos: Path) -> dict[str, object]:
     }
 
 
-def shim_up(host: TestHost) -> bool:
-    state = host.enter("systemctl", "is-active", "bitbuilder-hostshim.service", check=False)
-    return state.stdout.strip() == "active" and Path(f"/proc/{host.leader}/root{SOCKET}").exists()
-
-
 @pytest.fixture(scope="module")
 def deployment(forky: TestHost, shared_dir: Path) -> Iterator[VmDeployment]:
     images, repos = shared_dir / "images", shared_dir / "repos"
@@ -173,8 +168,7 @@ def deployment(forky: TestHost, shared_dir: Path) -> Iterator[VmDeployment]:
     git("add", "-A", cwd=repos / CONTAINER)
     git("commit", "-q", "-m", "c1", cwd=repos / CONTAINER)
     install_shim(forky, repos, images)
-    forky.enter("systemctl", "start", "bitbuilder-hostshim.service")
-    wait_for(lambda: shim_up(forky), timeout=60, what="the shim's socket")
+    start_shim(forky)
     deployment = VmDeployment(forky, repos)
     for image in ("guest", "busybox"):
         deployment.call("PUT", f"/v1/images/{image}", {"path": str(images / image)})
@@ -268,7 +262,7 @@ def test_vm_and_container_cannot_reach_each_other_or_the_host(
 def test_shim_restart_adopts_the_running_vm(deployment: VmDeployment) -> None:
     host, before = deployment.host, deployment.status(VM)
     host.enter("systemctl", "stop", "bitbuilder-hostshim.service")
-    assert not shim_up(host)
+    assert not shim_active(host)
     unit = host.enter("systemctl", "is-active", f"bitbuilder-tenant-{VM}.service", check=False)
     assert unit.stdout.strip() == "active"
     # The socket stays with systemd: the next request starts the shim, which adopts the VM.
