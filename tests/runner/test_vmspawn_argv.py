@@ -49,6 +49,9 @@ def test_directory_vm_under_tcg() -> None:
     extra = vmspawn_env(machine())[QEMU_EXTRA]
     assert "ifname=bb0123456789a,script=no,downscript=no" in extra
     assert f"mac={guest_mac('vm1')}" in extra
+    # The shim's own monitor (its ACPI power button) goes first, then the NIC.
+    both = vmspawn_env(machine(), "-qmp unix:/run/x/qmp.sock,server=on,wait=off")[QEMU_EXTRA]
+    assert both.startswith("-qmp unix:/run/x/qmp.sock,server=on,wait=off -netdev tap,")
 
 
 def test_guest_mac_is_stable_and_locally_administered() -> None:

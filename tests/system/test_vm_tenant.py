@@ -8,6 +8,7 @@ read it; the tests run in file order and the update, revert and delete come last
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ ExecStart=/bin/busybox httpd -f -p {port} -h /etc/bb/www
 [Install]
 WantedBy=multi-user.target
 """
+PROVISIONED = "Started bb-provision.service"
 PROBE_UNIT = """[Unit]
 Description=BitBuilder test probe: what this VM can reach
 
@@ -308,6 +310,49 @@ def test_update_from_git_and_revert_each_run_the_new_tree(deployment: VmDeployme
     git("revert", "--no-edit", "HEAD", cwd=repo)
     reverted = git("rev-parse", "HEAD", cwd=repo)
     put_and_serve(deployment, "r1", reverted)
+
+
+def recorded_address(host: TestHost) -> str | None:
+    """The VM's address from its run record (no shim to ask)."""
+    record = host.enter("cat", f"/run/bitbuilder/machines/{VM}/machine.json", check=False)
+    if record.returncode != 0:
+        return None
+    link = json.loads(record.stdout).get("link") or {}
+    return str(link["machineAddress"]).split("/")[0] if link else None
+
+
+def test_reboot_brings_the_vm_back_from_persisted_state(deployment: VmDeployment) -> None:
+    host, applied = deployment.host, deployment.status(VM)["appliedRevision"]
+    provisioned = guest_journal(deployment).count(PROVISIONED)
+    # No control plane, no shim, no tenant repo: only the generator and setup-tenant@.
+    host.enter(
+        "systemctl", "disable", "--now", "bitbuilder-hostshim.socket", "bitbuilder-hostshim.service"
+    )  # fmt: skip
+    repo, offline = deployment.repos / VM, deployment.repos / f"{VM}.offline"
+    repo.rename(offline)
+    try:
+        host.reboot()
+        unit = f"setup-tenant@{VM}.service"
+        assert host.enter("systemctl", "is-active", unit).stdout.strip() == "active"
+        address = wait_for(lambda: recorded_address(host), timeout=60, what="the VM's record")
+        wait_for(
+            lambda: ping_from_host(deployment, address), timeout=BOOT_TIMEOUT, interval=2,
+            what="the restored VM's ping",
+        )  # fmt: skip
+        assert not shim_active(host)
+    finally:
+        offline.rename(repo)
+    # The provisioning unit ran once more, in the restored VM, at the last applied revision.
+    wait_for(
+        lambda: guest_journal(deployment).count(PROVISIONED) > provisioned, timeout=180,
+        what="provisioning in the restored VM",
+    )  # fmt: skip
+    assert deployment.guest_file("var/lib/bb/provisioned") == "r1\n"
+    host.enter("systemctl", "enable", "bitbuilder-hostshim.socket", "bitbuilder-hostshim.service")
+    start_shim(host)
+    status = deployment.status(VM)
+    assert status["phase"] == "Running" and status["appliedRevision"] == applied
+    assert status["address"] == address
 
 
 def test_delete_leaves_nothing_behind(deployment: VmDeployment) -> None:
