@@ -53,6 +53,7 @@ from bitbuilder.hostshim.machine.runtime.nspawn import (
 from bitbuilder.hostshim.machine.runtime.vmspawn import (
     VmspawnMachine,
     guest_kernel,
+    host_limits,
     vmspawn_argv,
     vmspawn_env,
 )
@@ -278,7 +279,7 @@ class Runner:
         pid = self.executor.launch(
             spec.name,
             vmspawn_argv(machine),
-            spec.resources,
+            host_limits(spec.resources),
             paths.run / CONSOLE_LOG,
             env=vmspawn_env(machine, qmp_argument(paths.run / QMP_SOCKET)),
         )

@@ -14,6 +14,7 @@ from bitbuilder.hostshim.machine.runtime.vmspawn import (
     VmspawnMachine,
     guest_kernel,
     guest_mac,
+    host_limits,
     vmspawn_argv,
     vmspawn_env,
 )
@@ -64,6 +65,9 @@ def test_resources_size_the_vm() -> None:
     vm = machine(resources=limits, kvm=True, tap=None)
     assert {"--cpus=2", f"--ram={1 << 30}", "--kvm=yes"} <= set(vmspawn_argv(vm))
     assert vmspawn_env(vm) == {}
+    # The cgroup around qemu holds the guest's RAM and qemu's own memory besides.
+    assert host_limits(limits).memory_bytes == (1 << 30) + (256 << 20)
+    assert host_limits(ResourceLimits()).memory_bytes == (512 << 20) + (256 << 20)
 
 
 def test_raw_image_and_refusals() -> None:

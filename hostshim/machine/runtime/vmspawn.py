@@ -26,6 +26,7 @@ VMSPAWN = "systemd-vmspawn"
 QEMU_EXTRA = "SYSTEMD_VMSPAWN_QEMU_EXTRA"
 DEFAULT_RAM = 512 << 20
 MIN_RAM = 128 << 20
+QEMU_OVERHEAD = 256 << 20  # qemu, its TCG translation cache, virtiofsd
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,12 @@ def _cpus(resources: ResourceLimits) -> int:
 
 def _ram(resources: ResourceLimits) -> int:
     return max(MIN_RAM, resources.memory_bytes or DEFAULT_RAM)
+
+
+def host_limits(resources: ResourceLimits) -> ResourceLimits:
+    """The VM's cgroup limits: its RAM is the spec's memory, so the cgroup around qemu (and
+    its virtiofsd) gets that plus qemu's own overhead, else a full guest is OOM-killed."""
+    return resources.model_copy(update={"memory_bytes": _ram(resources) + QEMU_OVERHEAD})
 
 
 def vmspawn_argv(machine: VmspawnMachine) -> list[str]:
