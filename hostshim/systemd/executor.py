@@ -55,11 +55,20 @@ def registered_argv(name: str, argv: list[str]) -> list[str]:
     return [argv[0], "--register=yes", "--keep-unit", *machine, *rest]
 
 
-def _environment(key: str, value: str) -> str:
-    """An Environment= assignment, quoted: the value may hold spaces (never quotes)."""
-    if '"' in value or "\\" in value or "\n" in value:
-        raise MachineError(f"environment value of {key} cannot be passed to systemd-run")
-    return f'Environment="{key}={value}"'
+def environment_properties(env: Mapping[str, str]) -> list[str]:
+    """Environment= assignments, quoted: a value may hold spaces (never quotes)."""
+    properties = []
+    for key, value in sorted(env.items()):
+        if '"' in value or "\\" in value or "\n" in value:
+            raise MachineError(f"environment value of {key} cannot be passed to systemd-run")
+        properties.append(f'Environment="{key}={value}"')
+    return properties
+
+
+def service_type(argv: list[str]) -> str:
+    """nspawn says READY=1 once the machine's init runs; a VM's readiness is the runner's to
+    find out (vmspawn without a vsock hears nothing from the guest)."""
+    return "Type=notify" if Path(argv[0]).name == "systemd-nspawn" else "Type=exec"
 
 
 class SystemdExecutor:
@@ -78,15 +87,12 @@ class SystemdExecutor:
         env: Mapping[str, str] | None = None,
     ) -> int:
         unit = unit_name(name)
-        nspawn = Path(argv[0]).name == "systemd-nspawn"
         # A unit of the same name left failed by an earlier run would make systemd-run refuse.
         systemctl.reset_failed(unit)
         log.parent.mkdir(parents=True, exist_ok=True)
         properties = [
             f"Slice={SLICE}",
-            # nspawn says READY=1 once the machine's init runs; a VM's readiness is the
-            # runner's to find out (vmspawn without a vsock hears nothing from the guest).
-            "Type=notify" if nspawn else "Type=exec",
+            service_type(argv),
             "Delegate=yes",  # the machine's systemd (if any) manages its own subtree
             # SIGTERM to nspawn or vmspawn only: each powers its machine off cleanly.
             "KillMode=mixed",
@@ -102,7 +108,7 @@ class SystemdExecutor:
                 if limits.memory_bytes is None
                 else limits
             ),
-            *(_environment(key, value) for key, value in sorted((env or {}).items())),
+            *environment_properties(env or {}),
         ]
         systemctl.run_transient(
             unit, registered_argv(name, argv), properties, f"BitBuilder tenant {name}"
