@@ -443,6 +443,9 @@ class MachineStatus(WireModel):
     history: list[AppliedRevision] = Field(default_factory=list)
     leader_pid: int | None = None
     address: str | None = None
+    acceleration: str | None = Field(
+        None, description="A VM's: kvm or tcg (software emulation, where KVM is unusable)."
+    )
     started_at: datetime | None = None
     source_error: ErrorInfo | None = None
     machine_error: ErrorInfo | None = None

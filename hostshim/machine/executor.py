@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Protocol
 
@@ -57,7 +58,14 @@ _LAUNCH_ENV = {
 
 
 class Executor(Protocol):
-    def launch(self, name: str, argv: list[str], limits: ResourceLimits, log: Path) -> int: ...
+    def launch(
+        self,
+        name: str,
+        argv: list[str],
+        limits: ResourceLimits,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> int: ...
     def terminate(self, name: str, timeout: float) -> None: ...
     def pid(self, name: str) -> int | None: ...
     def running(self) -> list[str]: ...
@@ -119,20 +127,29 @@ class DirectExecutor:
         assert isinstance(data, dict)
         return data
 
-    def launch(self, name: str, argv: list[str], limits: ResourceLimits, log: Path) -> int:
+    def launch(
+        self,
+        name: str,
+        argv: list[str],
+        limits: ResourceLimits,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> int:
         if self.pid(name) is not None:
             raise MachineError(f"machine {name!r} is already running", reason="AlreadyRunning")
         with phase(name, "cgroups"):
             cgroups = create_cgroups(self.scope, name, limits, self.config.default_memory_bytes)
         try:
             with phase(name, "nspawn exec"):
-                return self._spawn(name, argv, cgroups, log)
+                return self._spawn(name, argv, cgroups, log, {**_LAUNCH_ENV, **(env or {})})
         except BaseException:
             self._empty(cgroups)
             cgroups.remove()
             raise
 
-    def _spawn(self, name: str, argv: list[str], cgroups: MachineCgroups, log: Path) -> int:
+    def _spawn(
+        self, name: str, argv: list[str], cgroups: MachineCgroups, log: Path, env: dict[str, str]
+    ) -> int:
         log.parent.mkdir(parents=True, exist_ok=True)
         # Outside the machine's cgroups, so stopping the machine never kills it before it has
         # written the last lines; it ends when nspawn closes the pipe.
@@ -154,7 +171,7 @@ class DirectExecutor:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
-                env=_LAUNCH_ENV,
+                env=env,
             )
         # This shim reaps its own children; after a restart, init reaps the adopted ones.
         for child in (proc, reader):

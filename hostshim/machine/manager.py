@@ -292,6 +292,7 @@ class MachineManager:
             history=state.history,
             leader_pid=running.leader_pid if running is not None else None,
             address=running.address if running is not None else None,
+            acceleration=running.acceleration if running is not None else None,
             started_at=running.started_at if running is not None else None,
             source_error=state.source_error,
             machine_error=state.machine_error,

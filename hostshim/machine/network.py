@@ -484,8 +484,8 @@ def prepare_link(
     return link
 
 
-def configure_link(link: Link, leader_pid: int) -> None:
-    """Address and raise both ends once the machine runs (its end from outside, via nsenter)."""
+def configure_host_side(link: Link) -> None:
+    """Address and raise the host's end of the link."""
     host = link.host_ifname
     set_sysctl(f"net.ipv6.conf.{host}.disable_ipv6", "1")
     # route_localnet: forwarded ports send loopback-sourced packets (SNATed) over this link
@@ -495,6 +495,21 @@ def configure_link(link: Link, leader_pid: int) -> None:
         "cannot configure the machine's link",
         f"addr add {link.host_address} dev {host}\nlink set {host} up\n",
     )
+
+
+def create_tap(link: Link) -> None:
+    """A VM's link: a persistent tap of the shim's own name (so networkd leaves it alone, as it
+    does the veths), which qemu attaches to; removed by teardown_link like a veth."""
+    _run(
+        ["ip", "tuntap", "add", "dev", link.host_ifname, "mode", "tap"],
+        "cannot create the VM's tap link",
+    )
+    configure_host_side(link)
+
+
+def configure_link(link: Link, leader_pid: int) -> None:
+    """Address and raise both ends once the machine runs (its end from outside, via nsenter)."""
+    configure_host_side(link)
     configure_inside(link, leader_pid)
 
 

@@ -26,7 +26,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from bitbuilder.hostshim.api import ImageStatus, ImageType, MachineSpec, NetworkMode, Runtime
-from bitbuilder.hostshim.capabilities.report import runtime_refusal
+from bitbuilder.hostshim.capabilities.report import host_report, runtime_refusal
 from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import MachineError, ShimError
 from bitbuilder.hostshim.images.store import ImageStore
@@ -37,6 +37,7 @@ from bitbuilder.hostshim.machine.live import LiveMachines
 from bitbuilder.hostshim.machine.network import (
     Link,
     configure_link,
+    create_tap,
     install_table,
     prepare_link,
     sweep_stale_reservations,
@@ -52,6 +53,24 @@ from bitbuilder.hostshim.machine.runtime.nspawn import (
     init_ready,
     nspawn_argv,
     shut_down,
+)
+from bitbuilder.hostshim.machine.runtime.vmspawn import (
+    VmspawnMachine,
+    guest_kernel,
+    host_limits,
+    vmspawn_argv,
+    vmspawn_env,
+)
+from bitbuilder.hostshim.machine.vm import (
+    GUEST_LAYER,
+    POWER_OFF_DEADLINE,
+    QMP_SOCKET,
+    await_guest,
+    guest_layer,
+    mount_overlay,
+    prepare_upper,
+    qmp_argument,
+    request_power_off,
 )
 from bitbuilder.hostshim.paths import TenantPaths
 from bitbuilder.hostshim.safepath import UnsafePath, remove_tree
@@ -73,6 +92,7 @@ class RunningMachine:
     started_at: datetime
     address: str | None
     revision: str | None
+    acceleration: str | None = None  # VMs: kvm or tcg
 
 
 def _poll(probe: Callable[[], int | None], timeout: float) -> int | None:
@@ -121,14 +141,10 @@ def check_spec(spec: MachineSpec) -> None:
         raise MachineError(
             f"runtime {spec.runtime} cannot run on this host: {refusal}", reason="Unsupported"
         )
-    if spec.runtime is not Runtime.nspawn:
-        raise MachineError(
-            f"runtime {spec.runtime} is not supported by this shim yet (nspawn only)",
-            reason="Unsupported",
-        )
     if spec.network.ports and spec.network.mode is not NetworkMode.isolated:
         raise MachineError("port forwards need network mode isolated", reason="InvalidSpec")
-    check_user_namespaces()
+    if spec.runtime is Runtime.nspawn:
+        check_user_namespaces()
 
 
 def check_image(spec: MachineSpec, image: ImageStatus) -> None:
@@ -139,11 +155,24 @@ def check_image(spec: MachineSpec, image: ImageStatus) -> None:
             "tarball image (raw images are for vmspawn)",
             reason="ImageTypeUnsupported",
         )
+    if spec.runtime is Runtime.vmspawn and image.type is not ImageType.directory:
+        raise MachineError(
+            f"image {image.name!r} is a raw disk image: this shim boots VMs from directory "
+            "images only for now (the guest's address and units go into its root overlay)",
+            reason="ImageTypeUnsupported",
+        )
 
 
 class Runner:
-    def __init__(self, config: ShimConfig, images: ImageStore, executor: Executor) -> None:
+    def __init__(
+        self,
+        config: ShimConfig,
+        images: ImageStore,
+        executor: Executor,
+        await_guests: bool = True,
+    ) -> None:
         self.config = config
+        self.await_guests = await_guests  # a VM's start returns once it answers ping
         self.images = images
         self.executor = executor
         self.scope = shim_scope(config)
@@ -180,6 +209,8 @@ class Runner:
     def _start(
         self, spec: MachineSpec, checkout: Checkout | None, paths: TenantPaths, rootfs: Path
     ) -> RunningMachine:
+        if spec.runtime is Runtime.vmspawn:
+            return self._start_vm(spec, checkout, paths, rootfs)
         init = detect_init(rootfs)
         with phase(spec.name, "mount data, root"):
             mount_data(paths, spec.resources.disk_bytes or self.config.tenant_disk_bytes)
@@ -225,10 +256,71 @@ class Runner:
             machine.name, machine, pid, generation, lambda: self.executor.pid(machine.name) == pid
         )
 
-    def _mount_root(self, paths: TenantPaths, rootfs: Path) -> Path:
+    def _start_vm(
+        self, spec: MachineSpec, checkout: Checkout | None, paths: TenantPaths, rootfs: Path
+    ) -> RunningMachine:
+        """A VM: its root overlay (see vm.py), its tap, vmspawn; Running once it answers."""
+        boot = guest_kernel(rootfs)
+        layout = checkout.layout if checkout is not None else None
+        link = None
+        if spec.network.mode is NetworkMode.isolated:
+            with phase(spec.name, "network: tap, nftables"):
+                link = prepare_link(self.scope, spec.name, spec.network, self.pool)
+                create_tap(link)
+        with phase(spec.name, "mount data, root"):
+            mount_data(paths, spec.resources.disk_bytes or self.config.tenant_disk_bytes)
+            guest = guest_layer(paths.run / GUEST_LAYER, layout, link)
+            root = self._root_dirs(paths)
+            prepare_upper(paths.data / "upper", rootfs)
+            mount_overlay(root, [guest, rootfs], paths.data / "upper", paths.data / "work")
+        acceleration = host_report().acceleration
+        started_at = datetime.now(UTC)
+        revision = checkout.revision if checkout is not None else None
+        self._write_record(
+            paths, link, started_at, revision, InitKind.systemd, Runtime.vmspawn, acceleration
+        )
+        settings = layout.settings if layout is not None else None
+        machine = VmspawnMachine(
+            name=spec.name,
+            directory=root,
+            raw=None,
+            boot=boot,
+            kvm=acceleration == "kvm",
+            tap=link.host_ifname if link else None,
+            resources=spec.resources,
+            hostname=settings.hostname if settings and "hostname" in spec.repo_settings else None,
+        )
+        pid = self.executor.launch(
+            spec.name,
+            vmspawn_argv(machine),
+            host_limits(spec.resources),
+            paths.run / CONSOLE_LOG,
+            env=vmspawn_env(machine, qmp_argument(paths.run / QMP_SOCKET)),
+        )
+        if link is not None and self.await_guests:
+            with phase(spec.name, "guest boot (answers on its address)"):
+                await_guest(link.address, lambda: self._alive(spec.name, paths))
+        address = link.address if link else None
+        running = RunningMachine(spec.name, pid, started_at, address, revision, acceleration)
+        self._remember(running, pid, self._live.generation(spec.name))
+        return running
+
+    def _alive(self, name: str, paths: TenantPaths) -> None:
+        if self.executor.pid(name) is None:
+            log = (paths.run / CONSOLE_LOG).read_text(errors="replace")[-2000:]
+            raise MachineError(f"machine {name!r} exited while starting: {log.strip()}")
+
+    @staticmethod
+    def _root_dirs(paths: TenantPaths) -> Path:
+        """The writable layer's dirs and the mount point; returns the mount point."""
         upper, work, root = paths.data / "upper", paths.data / "work", paths.run / "root"
         for d in (upper, work, root):
             d.mkdir(parents=True, exist_ok=True)
+        return root
+
+    def _mount_root(self, paths: TenantPaths, rootfs: Path) -> Path:
+        root = self._root_dirs(paths)
+        upper, work = paths.data / "upper", paths.data / "work"
         # metacopy: nspawn's one-time chown into the picked uid range copies metadata only.
         # nodev: a device node in the image (a directory import keeps them) must not open a
         # host device; nspawn mounts the machine's own /dev.
@@ -246,17 +338,12 @@ class Runner:
         return root
 
     def _await_leader(self, name: str, pid: int, paths: TenantPaths, init: InitKind) -> int:
-        def alive() -> None:
-            if self.executor.pid(name) is None:
-                log = (paths.run / CONSOLE_LOG).read_text(errors="replace")[-2000:]
-                raise MachineError(f"machine {name!r} exited while starting: {log.strip()}")
-
         def leader() -> int | None:
-            alive()
+            self._alive(name, paths)
             return find_leader(pid)
 
         def ready() -> int | None:
-            alive()
+            self._alive(name, paths)
             return init_ready(pid, init)
 
         deadline = time.monotonic() + LEADER_DEADLINE
@@ -277,12 +364,16 @@ class Runner:
         started_at: datetime,
         revision: str | None,
         init: InitKind,
+        runtime: Runtime = Runtime.nspawn,
+        acceleration: str | None = None,
     ) -> None:
         record = {
             "link": link.to_json() if link else None,
             "startedAt": started_at.isoformat(),
             "revision": revision,
             "init": init.value,
+            "runtime": runtime.value,
+            "acceleration": acceleration,
         }
         tmp = paths.run / f"{RECORD}.tmp"
         tmp.write_text(json.dumps(record))
@@ -305,13 +396,16 @@ class Runner:
         except FileNotFoundError:
             return None
         link = Link.from_json(record["link"]) if record.get("link") else None
-        leader = find_leader(pid)
+        # A VM's own process is its leader (qemu runs beside it, in the same pid namespace).
+        vm = record.get("runtime") == Runtime.vmspawn.value
+        leader = pid if vm else find_leader(pid)
         machine = RunningMachine(
             name=name,
             leader_pid=leader or pid,
             started_at=datetime.fromisoformat(record["startedAt"]),
             address=link.address if link else None,
             revision=record.get("revision"),
+            acceleration=record.get("acceleration"),
         )
         if leader is not None:  # before init runs, the leader is still to be found
             self._remember(machine, pid, generation)
@@ -359,7 +453,14 @@ class Runner:
         killed only once nothing but those pauses is left. Any other machine, or one whose init
         cannot take the signal yet, is left to the executor's terminate()."""
         pid = self.executor.pid(name)
-        if pid is None or self._recorded_init(paths) is not InitKind.other:
+        if pid is None:
+            return
+        if self._recorded(paths, "runtime") == Runtime.vmspawn.value:
+            # The guest's ACPI power button; what is left at the deadline is terminate()'s.
+            if request_power_off(paths.run / QMP_SOCKET):
+                wait_exit(pid, POWER_OFF_DEADLINE)
+            return
+        if self._recorded(paths, "init") != InitKind.other.value:
             return
         leader = init_ready(pid, InitKind.other)
         if leader is None:
@@ -381,12 +482,11 @@ class Runner:
         wait_exit(pid, KILL_DEADLINE)  # nspawn sees its machine gone and exits
 
     @staticmethod
-    def _recorded_init(paths: TenantPaths) -> InitKind | None:
+    def _recorded(paths: TenantPaths, key: str) -> object:
         try:
-            value = json.loads((paths.run / RECORD).read_text()).get("init")
+            return json.loads((paths.run / RECORD).read_text()).get(key)
         except (FileNotFoundError, json.JSONDecodeError):
             return None
-        return InitKind(value) if value in tuple(InitKind) else None
 
     def remove_data(self, name: str) -> None:
         with self._lock(name):

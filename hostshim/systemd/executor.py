@@ -13,6 +13,7 @@ A transient unit does not survive a reboot on purpose: at boot the generator's
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 from bitbuilder.hostshim.api import ResourceLimits
@@ -54,6 +55,22 @@ def registered_argv(name: str, argv: list[str]) -> list[str]:
     return [argv[0], "--register=yes", "--keep-unit", *machine, *rest]
 
 
+def environment_properties(env: Mapping[str, str]) -> list[str]:
+    """Environment= assignments, quoted: a value may hold spaces (never quotes)."""
+    properties = []
+    for key, value in sorted(env.items()):
+        if '"' in value or "\\" in value or "\n" in value:
+            raise MachineError(f"environment value of {key} cannot be passed to systemd-run")
+        properties.append(f'Environment="{key}={value}"')
+    return properties
+
+
+def service_type(argv: list[str]) -> str:
+    """nspawn says READY=1 once the machine's init runs; a VM's readiness is the runner's to
+    find out (vmspawn without a vsock hears nothing from the guest)."""
+    return "Type=notify" if Path(argv[0]).name == "systemd-nspawn" else "Type=exec"
+
+
 class SystemdExecutor:
     """The Executor protocol (see hostshim/machine/executor.py) over systemd units."""
 
@@ -61,16 +78,24 @@ class SystemdExecutor:
         self.stop_timeout = stop_timeout
         self.default_memory = default_memory  # MemoryMax= where the spec sets no memory
 
-    def launch(self, name: str, argv: list[str], limits: ResourceLimits, log: Path) -> int:
+    def launch(
+        self,
+        name: str,
+        argv: list[str],
+        limits: ResourceLimits,
+        log: Path,
+        env: Mapping[str, str] | None = None,
+    ) -> int:
         unit = unit_name(name)
         # A unit of the same name left failed by an earlier run would make systemd-run refuse.
         systemctl.reset_failed(unit)
         log.parent.mkdir(parents=True, exist_ok=True)
         properties = [
             f"Slice={SLICE}",
-            "Type=notify",  # nspawn says READY=1 once the machine's init runs
+            service_type(argv),
             "Delegate=yes",  # the machine's systemd (if any) manages its own subtree
-            "KillMode=mixed",  # SIGTERM to nspawn only: it powers the machine off cleanly
+            # SIGTERM to nspawn or vmspawn only: each powers its machine off cleanly.
+            "KillMode=mixed",
             f"TimeoutStopSec={int(self.stop_timeout)}",
             f"StandardOutput=append:{log}",
             "StandardError=inherit",
@@ -83,6 +108,7 @@ class SystemdExecutor:
                 if limits.memory_bytes is None
                 else limits
             ),
+            *environment_properties(env or {}),
         ]
         systemctl.run_transient(
             unit, registered_argv(name, argv), properties, f"BitBuilder tenant {name}"

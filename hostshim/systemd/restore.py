@@ -36,7 +36,8 @@ def restore(config: ShimConfig, name: str) -> str:
     applied = state.applied
     if not applied.running or state.intent is Intent.delete:
         return "not running when last applied: left stopped"
-    runner = Runner(config, ImageStore(config), select_executor(config))
+    # A VM is left to boot: the shim, ordered after this unit, must not wait minutes on it.
+    runner = Runner(config, ImageStore(config), select_executor(config), await_guests=False)
     if runner.inspect(name) is not None:
         return "already running"
     checkout = None

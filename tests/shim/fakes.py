@@ -93,6 +93,7 @@ class FakeMachine:
     address: str | None
     revision: str | None
     spec: MachineSpec
+    acceleration: str | None = None
 
 
 class FakeRunner:

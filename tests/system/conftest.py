@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.system.testhost import TestHost, missing_prerequisites, restored_root
+from tests.system.testhost import FORKY, TestHost, missing_prerequisites, restored_root
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -45,5 +45,20 @@ def testhost(shared_dir: Path) -> Iterator[TestHost]:
         pytest.skip("no booted test host here: " + ", ".join(problems))
     with restored_root() as root:
         host = TestHost(root, binds_rw=[shared_dir], console_log=shared_dir / "console.log")
+        with host:
+            yield host
+
+
+@pytest.fixture(scope="module")
+def forky(shared_dir: Path) -> Iterator[TestHost]:
+    """A booted forky test host (systemd with vmspawn, qemu, virtiofsd), per module."""
+    problems = missing_prerequisites()
+    if problems:
+        pytest.skip("no booted test host here: " + ", ".join(problems))
+    devices = [Path("/dev/net/tun")] + ([Path("/dev/kvm")] if Path("/dev/kvm").exists() else [])
+    with restored_root(flavour=FORKY) as root:
+        host = TestHost(
+            root, binds_rw=[shared_dir, *devices], console_log=shared_dir / "forky-console.log"
+        )
         with host:
             yield host

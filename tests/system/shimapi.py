@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tests.helpers.wait import wait_for
 from tests.shim.harness import Reply, ShimClient
 from tests.system.testhost import TestHost
 
@@ -46,3 +47,13 @@ def ok(host: TestHost, method: str, path: str, body: object = None) -> Any:
     reply = call(host, method, path, body)
     assert reply.status == 200, f"{method} {path} -> {reply.status}: {reply.body}"
     return reply.body
+
+
+def shim_active(host: TestHost) -> bool:
+    state = host.enter("systemctl", "is-active", "bitbuilder-hostshim.service", check=False)
+    return state.stdout.strip() == "active" and Path(f"/proc/{host.leader}/root{SOCKET}").exists()
+
+
+def start_shim(host: TestHost) -> None:
+    host.enter("systemctl", "start", "bitbuilder-hostshim.service")
+    wait_for(lambda: shim_active(host), timeout=60, what="the shim's socket")

@@ -24,8 +24,7 @@ import pytest
 from bitbuilder.hostshim.images.busybox import build_busybox_rootfs
 from bitbuilder.hostshim.source.extrelease import parse_os_release
 from tests.helpers.gitserve import Content, Signer, TenantRepo, ssh_signer
-from tests.system.shimapi import call, install_shim, ok
-from tests.system.test_tenants import shim_active, start_shim
+from tests.system.shimapi import call, install_shim, ok, shim_active, start_shim
 from tests.system.testhost import TestHost, python_binds, restored_root
 
 TENANT = "gamma"

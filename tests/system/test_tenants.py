@@ -17,8 +17,7 @@ import pytest
 
 from bitbuilder.hostshim.images.busybox import build_busybox_rootfs
 from tests.helpers.gitserve import git
-from tests.helpers.wait import wait_for
-from tests.system.shimapi import call, install_shim, ok
+from tests.system.shimapi import call, install_shim, ok, shim_active, start_shim
 from tests.system.testhost import TestHost
 
 # What many servers have: every link managed, with DHCP. Tenant links must stay the shim's.
@@ -73,19 +72,6 @@ def spec(name: str, repos: Path, allow_host: bool) -> dict[str, object]:
         "resources": {"memoryBytes": MEMORY_MAX, "tasks": 64, "cpuMillis": 500},
         "network": {"mode": "isolated", "allowHost": allow_host},
     }
-
-
-def shim_active(host: TestHost) -> bool:
-    state = host.enter("systemctl", "is-active", "bitbuilder-hostshim.service", check=False)
-    return (
-        state.stdout.strip() == "active"
-        and Path(f"/proc/{host.leader}/root/run/bitbuilder/hostshim.sock").exists()
-    )
-
-
-def start_shim(host: TestHost) -> None:
-    host.enter("systemctl", "start", "bitbuilder-hostshim.service")
-    wait_for(lambda: shim_active(host), timeout=60, what="the shim's socket")
 
 
 @pytest.fixture(scope="module")

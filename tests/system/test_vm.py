@@ -5,27 +5,9 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-
-from tests.system.testhost import FORKY, TestHost, missing_prerequisites, restored_root
-
-
-@pytest.fixture(scope="module")
-def forky(shared_dir: Path) -> Iterator[TestHost]:
-    problems = missing_prerequisites()
-    if problems:
-        pytest.skip("no booted test host here: " + ", ".join(problems))
-    devices = [Path("/dev/net/tun")] + ([Path("/dev/kvm")] if Path("/dev/kvm").exists() else [])
-    with restored_root(flavour=FORKY) as root:
-        host = TestHost(
-            root, binds_rw=[shared_dir, *devices], console_log=shared_dir / "forky-console.log"
-        )
-        with host:
-            yield host
+from tests.system.testhost import TestHost
 
 
 def check_report(host: TestHost) -> dict[str, Any]:

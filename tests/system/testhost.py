@@ -112,6 +112,29 @@ FORKY = Flavour(
 )
 
 
+# A VM guest: a small forky directory image with its own kernel (booted directly, root over
+# virtiofs), udev for its devices and networkd for the address the shim gives it; dbus so
+# logind takes the ACPI power button (the shim's clean stop); busybox for test services.
+GUEST_PACKAGES = (
+    "systemd",
+    "systemd-sysv",
+    "udev",
+    "dbus",
+    "kmod",
+    "iproute2",
+    "linux-image-amd64",
+    "busybox-static",
+)
+GUEST = Flavour(
+    "forky",
+    GUEST_PACKAGES,
+    "1",
+    "vmguest-forky",
+    script="/usr/share/debootstrap/scripts/sid",
+    setup=lambda root: configure_guest(root),
+)
+
+
 def cache_key(flavour: Flavour = TRIXIE) -> str:
     return flavour.cache_key()
 
@@ -202,6 +225,26 @@ def configure(root: Path) -> None:
     subprocess.run([*systemctl, "mask", *CULPRIT_UNITS, "console-getty.service"], check=True)
     shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
     (root / "var/cache/apt/archives/partial").mkdir(parents=True)
+
+
+def configure_guest(root: Path) -> None:
+    """A guest that boots the same every time: empty machine-id (a fresh one per boot), networkd
+    on, nothing that waits for a network or a terminal it will never have."""
+    (root / "etc/machine-id").write_text("")
+    (root / "etc/hostname").write_text("bb-guest\n")
+    (root / "etc/apt/apt.conf.d/10-valid-until").write_text('Acquire::Check-Valid-Until "false";\n')
+    systemctl = ["systemctl", "--quiet", f"--root={root}"]
+    subprocess.run([*systemctl, "enable", "systemd-networkd.service"], check=True)
+    subprocess.run([*systemctl, "mask", *CULPRIT_UNITS, "getty@tty1.service"], check=True)
+    shutil.rmtree(root / "var/cache/apt/archives", ignore_errors=True)
+    (root / "var/cache/apt/archives/partial").mkdir(parents=True)
+
+
+def restore_tree(tarball: Path, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    subprocess.run(
+        ["tar", "--zstd", "--numeric-owner", "--xattrs", "-C", dest, "-xpf", tarball], check=True
+    )
 
 
 # The test host has its own of these: binding one over it would replace its system.
@@ -470,11 +513,7 @@ def restored_root(workdir: Path | None = None, flavour: Flavour = TRIXIE) -> Ite
     base = Path(tempfile.mkdtemp(prefix="bb-testhost-", dir=workdir or "/var/tmp"))
     root = base / "root"
     try:
-        root.mkdir()
-        subprocess.run(
-            ["tar", "--zstd", "--numeric-owner", "--xattrs", "-C", root, "-xpf", tarball],
-            check=True,
-        )
+        restore_tree(tarball, root)
         link_tmp(root)
         yield root
     finally:
@@ -489,9 +528,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub.add_parser("shell", help="boot a test host and wait (Ctrl-C tears it down)")
     run = sub.add_parser("run", help="boot, run a command inside as a unit, tear down")
     run.add_argument("argv", nargs="+")
-    parser.add_argument("--flavour", choices=("trixie", "forky"), default="trixie")
+    flavours = {"trixie": TRIXIE, "forky": FORKY, "guest": GUEST}
+    parser.add_argument("--flavour", choices=sorted(flavours), default="trixie")
     args = parser.parse_args(argv)
-    flavour = FORKY if args.flavour == "forky" else TRIXIE
+    flavour = flavours[args.flavour]
     problems = missing_prerequisites()
     if problems:
         print("cannot build a test host: " + ", ".join(problems), file=sys.stderr)

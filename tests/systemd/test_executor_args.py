@@ -7,8 +7,15 @@ import fnmatch
 import pytest
 
 from bitbuilder.hostshim.api import ResourceLimits
+from bitbuilder.hostshim.errors import MachineError
 from bitbuilder.hostshim.machine.network import link_name
-from bitbuilder.hostshim.systemd.executor import limit_properties, registered_argv, unit_name
+from bitbuilder.hostshim.systemd.executor import (
+    environment_properties,
+    limit_properties,
+    registered_argv,
+    service_type,
+    unit_name,
+)
 from bitbuilder.hostshim.systemd.networkd import LINK_PATTERN
 
 NSPAWN = ["/usr/bin/systemd-nspawn", "--quiet", "--register=no", "--keep-unit", "--boot"]
@@ -61,3 +68,14 @@ def test_the_networkd_pattern_matches_the_shims_link_names(name: str) -> None:
 )
 def test_the_networkd_pattern_leaves_other_links_alone(other: str) -> None:
     assert not fnmatch.fnmatchcase(other, LINK_PATTERN)
+
+
+def test_a_vm_unit_is_exec_with_its_qemu_options_in_the_environment() -> None:
+    assert service_type(NSPAWN) == "Type=notify"
+    assert service_type(["/usr/bin/systemd-vmspawn", "--quiet"]) == "Type=exec"
+    extra = "-qmp unix:/run/x/qmp.sock,server=on,wait=off -netdev tap,id=n,ifname=bb0"
+    assert environment_properties({"SYSTEMD_VMSPAWN_QEMU_EXTRA": extra}) == [
+        f'Environment="SYSTEMD_VMSPAWN_QEMU_EXTRA={extra}"'
+    ]
+    with pytest.raises(MachineError):
+        environment_properties({"X": 'a" B=c'})  # would end the quoting

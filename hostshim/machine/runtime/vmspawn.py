@@ -1,14 +1,17 @@
 """What a VM needs from systemd-vmspawn (256+): the argv, built from checked values only.
 
 The image is a directory shared over virtiofs (its kernel and initrd booted directly) or a raw
-GPT disk. The revision's trees reach the guest as read-only virtiofs shares under
-/run/bitbuilder/ in the guest (`--bind-ro`), which its units can layer as confext/sysext.
-KVM is used where the host probe found it usable, TCG (software emulation) elsewhere. As for
-nspawn, every path is the shim's own and is checked again here.
+GPT disk. KVM is used where the host probe found it usable, TCG (software emulation) elsewhere.
+The network is a tap link the shim made (its own name, its own filter) that qemu attaches to:
+vmspawn's --network-tap would make a vt-* tap that the host's networkd configures itself
+(80-vm-vt.network: its own addresses, a DHCP server), so qemu gets the link through
+$SYSTEMD_VMSPAWN_QEMU_EXTRA instead. As for nspawn, every path is the shim's own and is
+checked again here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 from dataclasses import dataclass
@@ -16,13 +19,14 @@ from pathlib import Path
 
 from bitbuilder.hostshim.api import ResourceLimits
 from bitbuilder.hostshim.errors import MachineError
-from bitbuilder.hostshim.machine.runtime.nspawn import check_hostname, check_path
+from bitbuilder.hostshim.machine.runtime.nspawn import check_hostname, check_ifname, check_path
 from bitbuilder.hostshim.paths import checked_name
 
 VMSPAWN = "systemd-vmspawn"
-GUEST_SHARES = Path("/run/bitbuilder")
+QEMU_EXTRA = "SYSTEMD_VMSPAWN_QEMU_EXTRA"
 DEFAULT_RAM = 512 << 20
 MIN_RAM = 128 << 20
+QEMU_OVERHEAD = 256 << 20  # qemu, its TCG translation cache, virtiofsd
 
 
 @dataclass(frozen=True)
@@ -40,9 +44,8 @@ class VmspawnMachine:
     raw: Path | None  # or a raw disk image (the machine's own copy)
     boot: VmBoot
     kvm: bool
-    tap: bool  # a tap link on the host (vt-NAME); False: no network at all
+    tap: str | None  # the host's tap link qemu attaches to; None: no network at all
     resources: ResourceLimits
-    shares: tuple[tuple[Path, str], ...] = ()  # (host tree, name under GUEST_SHARES)
     hostname: str | None = None
 
 
@@ -70,6 +73,12 @@ def _cpus(resources: ResourceLimits) -> int:
 
 def _ram(resources: ResourceLimits) -> int:
     return max(MIN_RAM, resources.memory_bytes or DEFAULT_RAM)
+
+
+def host_limits(resources: ResourceLimits) -> ResourceLimits:
+    """The VM's cgroup limits: its RAM is the spec's memory, so the cgroup around qemu (and
+    its virtiofsd) gets that plus qemu's own overhead, else a full guest is OOM-killed."""
+    return resources.model_copy(update={"memory_bytes": _ram(resources) + QEMU_OVERHEAD})
 
 
 def vmspawn_argv(machine: VmspawnMachine) -> list[str]:
@@ -100,12 +109,27 @@ def vmspawn_argv(machine: VmspawnMachine) -> list[str]:
         argv.append(f"--linux={check_path(machine.boot.linux)}")
     if machine.boot.initrd is not None:
         argv.append(f"--initrd={check_path(machine.boot.initrd)}")
-    if machine.tap:
-        argv.append("--network-tap")
-    for tree, share in machine.shares:
-        target = GUEST_SHARES / checked_name(share)
-        argv.append(f"--bind-ro={check_path(tree)}:{target}")
-    cmdline = ["console=ttyS0"]
+    # vmspawn itself puts console=hvc0 (its virtio console) on the kernel command line.
+    cmdline: list[str] = []
     if machine.hostname is not None:
         cmdline.append(f"systemd.hostname={check_hostname(machine.hostname)}")
     return [*argv, *cmdline]
+
+
+def guest_mac(name: str) -> str:
+    """A stable locally administered MAC per machine (the guest's link keeps its name)."""
+    digest = hashlib.sha256(checked_name(name).encode()).digest()
+    return ":".join(f"{b:02x}" for b in (0x02, *digest[:5]))
+
+
+def vmspawn_env(machine: VmspawnMachine, *extra: str) -> dict[str, str]:
+    """The environment vmspawn needs besides its argv: qemu's NIC on the shim's tap, and
+    `extra` qemu options (the shim's monitor)."""
+    options = list(extra)
+    if machine.tap is not None:
+        tap = check_ifname(machine.tap)
+        options.append(
+            f"-netdev tap,id=bbnet,ifname={tap},script=no,downscript=no "
+            f"-device virtio-net-pci,netdev=bbnet,mac={guest_mac(machine.name)}"
+        )
+    return {QEMU_EXTRA: " ".join(options)} if options else {}
