@@ -159,8 +159,9 @@ def container_spec(repos: Path) -> dict[str, object]:
 
 @pytest.fixture(scope="module")
 def deployment(forky: TestHost, shared_dir: Path) -> Iterator[VmDeployment]:
-    images, repos = shared_dir / "images", shared_dir / "repos"
-    images.mkdir(exist_ok=True)
+    # Its own folder in the session's shared one: test_tenants builds its images there too.
+    images, repos = shared_dir / "vm" / "images", shared_dir / "vm" / "repos"
+    images.mkdir(parents=True)
     restore_tree(ensure_tarball(flavour=GUEST), images / "guest")
     build_busybox_rootfs(images / "busybox")
     for name in (VM, CONTAINER):
