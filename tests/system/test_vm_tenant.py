@@ -359,21 +359,28 @@ def test_reboot_brings_the_vm_back_from_persisted_state(deployment: VmDeployment
 def test_delete_leaves_nothing_behind(deployment: VmDeployment) -> None:
     host = deployment.host
     assert deployment.status(VM)["phase"] == "Running"
+    [tap] = [line.split()[0] for line in bb_links(host) if "@" not in line.split()[0]]
     deployment.call("DELETE", f"/v1/machines/{VM}")
     processes = host.enter("ps", "-eo", "comm=", check=False).stdout.split()
     for name in ("qemu-system-x86", "virtiofsd", "systemd-vmspawn"):
         assert name not in processes, processes
-    links = host.enter("ip", "-br", "link").stdout
-    container_link = [line for line in links.splitlines() if line.startswith("bb")]
-    assert len(container_link) == 1 and "@" in container_link[0], links  # the veth only
-    tables = host.enter("nft", "list", "tables").stdout.split("\n")
-    assert len([t for t in tables if "bitbuilder_" in t]) == 1, tables
+    [veth] = bb_links(host)  # the container's only
+    assert "@" in veth, veth
+    # The shared filter table names the container's link, no longer the VM's tap.
+    table = host.enter("nft", "list", "table", "inet", "bitbuilder").stdout
+    assert f'"{veth.split("@")[0]}"' in table and f'"{tap}"' not in table, table
     assert f"/run/bitbuilder/machines/{VM}" not in host.enter("cat", "/proc/self/mountinfo").stdout
     for path in (f"/run/bitbuilder/machines/{VM}", str(STATE / VM)):
         assert host.enter("test", "-e", path, check=False).returncode == 1, path
     unit = host.enter("systemctl", "is-active", f"bitbuilder-tenant-{VM}.service", check=False)
     assert unit.stdout.strip() != "active"
     assert call_status(host, VM) == 404
+
+
+def bb_links(host: TestHost) -> list[str]:
+    """The shim's links in the test host, as `ip -br link` shows them."""
+    lines = host.enter("ip", "-br", "link").stdout.splitlines()
+    return [line for line in lines if line.startswith("bb")]
 
 
 def call_status(host: TestHost, name: str) -> int:
