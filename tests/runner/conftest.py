@@ -38,6 +38,14 @@ def unique_name(prefix: str = "cr") -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.fixture
+def trusted(tmp_path: Path) -> Path:
+    """A folder the shim's config trusts for image paths (runner_config)."""
+    path = tmp_path / "trusted"
+    path.mkdir()
+    return path
+
+
 def runner_config(root: Path, trusted: Path, **overrides: Any) -> ShimConfig:
     return ShimConfig(
         state_dir=root / "state",

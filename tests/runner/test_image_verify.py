@@ -18,6 +18,7 @@ from bitbuilder.hostshim.config import ShimConfig
 from bitbuilder.hostshim.errors import ImageError
 from bitbuilder.hostshim.images.store import ImageStore
 from tests.helpers.gitserve import Signer, gpg_signer
+from tests.runner.conftest import runner_config
 from tests.runner.test_images import add_file, make_tar
 
 MiB = 1 << 20
@@ -36,23 +37,10 @@ def stranger() -> Iterator[Signer]:
 
 
 @pytest.fixture
-def trusted(tmp_path: Path) -> Path:
-    path = tmp_path / "trusted"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def store(tmp_path: Path, trusted: Path, signer: Signer) -> ImageStore:
     key = tmp_path / "images.asc"
     key.write_text(signer.public_key)
-    config = ShimConfig(
-        state_dir=tmp_path / "state",
-        runtime_dir=tmp_path / "run",
-        trusted_image_paths=(trusted,),
-        trusted_image_keys=(key,),
-    )
-    return ImageStore(config)
+    return ImageStore(runner_config(tmp_path, trusted, trusted_image_keys=(key,)))
 
 
 def gpt_disk(path: Path, size: int = 4 * MiB) -> str:

@@ -22,13 +22,6 @@ Member = Callable[[tarfile.TarFile], None]
 
 
 @pytest.fixture
-def trusted(tmp_path: Path) -> Path:
-    path = tmp_path / "trusted"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
 def store(tmp_path: Path, trusted: Path) -> ImageStore:
     return ImageStore(runner_config(tmp_path, trusted))
 
